@@ -1,0 +1,3 @@
+import os
+
+os.environ.setdefault("LMSTACK_NO_PROGRESS", "1")

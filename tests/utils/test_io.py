@@ -1,0 +1,51 @@
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from lmstack.utils import LmstackError, atomic_dir, atomic_write_text
+
+
+def test_atomic_write_replaces_whole(tmp_path):
+    p = tmp_path / "f.txt"
+    atomic_write_text(p, "old")
+    atomic_write_text(p, "new")
+    assert p.read_text() == "new"
+    assert [x.name for x in tmp_path.iterdir()] == ["f.txt"]  # no temp files left
+
+
+def test_atomic_dir_keeps_old_on_failure(tmp_path):
+    d = tmp_path / "ckpt"
+    with atomic_dir(d) as t:
+        (t / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(d) as t:
+            (t / "a").write_text("2")
+            raise RuntimeError("crash mid-write")
+    assert (d / "a").read_text() == "1"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_sigkill_during_write_leaves_old_file(tmp_path):
+    p = tmp_path / "big.bin"
+    atomic_write_text(p, "good")
+    code = ("import sys,os;from lmstack.utils import io;"
+            "orig=os.fsync\n"
+            "def slow(fd):\n  os.kill(os.getpid(), 9)\n"
+            "os.fsync=slow\n"
+            f"io.atomic_write_bytes({str(p)!r}, b'x'*10_000_000)")
+    r = subprocess.run([sys.executable, "-c", code])
+    assert r.returncode == -signal.SIGKILL
+    assert p.read_text() == "good"
+
+
+def test_unwritable_parent_is_clear_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    if os.access(ro, os.W_OK):  # running as root: permissions are not enforced
+        pytest.skip("root ignores directory permissions")
+    with pytest.raises(LmstackError, match="not writable"):
+        atomic_write_text(ro / "x", "y")
