@@ -52,3 +52,11 @@ def test_every_subcommand_has_help(capsys):
             main([name, "--help"])
         assert e.value.code == 0
         assert "usage" in capsys.readouterr().out
+
+
+def test_unknown_flag_on_nested_subcommand_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", "--vocab-sise", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown option --vocab-sise" in err and "did you mean --vocab-size" in err

@@ -36,6 +36,15 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        # A leaf subcommand reports its own unknown options, so the error lists *its*
+        # valid options rather than the top-level parser's.
+        ns, extras = super().parse_known_args(args, namespace)
+        is_leaf = not any(isinstance(a, argparse._SubParsersAction) for a in self._actions)
+        if extras and is_leaf and self.prog.count(" ") >= 1:
+            self.error("unrecognized arguments: " + " ".join(extras))
+        return ns, extras
+
     def error(self, message: str):  # noqa: D401
         if "unrecognized arguments" in message:
             valid = sorted({s for a in self._actions for s in a.option_strings if s.startswith("--")})

@@ -1,0 +1,140 @@
+"""The model runner: block tables -> index tensors -> one forward per group -> logits.
+
+Input per step is a list of rows, one per scheduled sequence: the token ids fed this step
+(a prefill chunk, a decode token, or a decode token plus draft tokens to verify), the
+position of the first one, the sequence's block table, and how many trailing positions need
+logits (0 for a prefill chunk that does not finish the prompt).
+
+Rows go through the model padded to `(B, T)` with position -1 on padding. Padding is real
+compute on a CPU (every padded token runs through every MLP, every padded key slot through
+attention), so rows are first grouped (`group_rows`): a batch of 1-token decodes never gets
+padded to a 500-token prefill chunk, nor a 20-token context to a 2000-token one. Usually a
+step is a group or two of decodes plus one of prefill chunks. All index arithmetic is
+vectorised once per group; the per-layer path in `PagedKVCache.update` is two scatters and
+two gathers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmstack.infer.paged_cache import PagedKVCache
+
+
+@dataclass
+class RunnerRow:
+    token_ids: list[int]       # fed this step
+    start_pos: int             # position of token_ids[0]
+    block_table: list[int]
+    num_logits: int            # logits wanted for the last num_logits fed tokens
+
+
+def group_rows(lengths: list[int], contexts: list[int] | None = None, max_waste: float = 0.25,
+               slack: int = 32, attn_slack: int = 2048) -> list[list[int]]:
+    """Partition row indices so that padding each group to its longest row wastes little.
+
+    Two kinds of padding: tokens (rows padded to the longest T: every layer's linears) and
+    key slots (rows padded to the longest context S: the gather and attention). Rows sorted
+    by (T, S), longest first, join the current group while both wastes stay under
+    `max_waste` (plus a little slack: one more forward costs a few ms of overhead)."""
+    contexts = contexts if contexts is not None else lengths
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], -contexts[i]))
+    groups: list[list[int]] = []
+    tokens = area = 0
+    for i in order:
+        if groups:
+            g = groups[-1]
+            T, S, n = lengths[g[0]], contexts[g[0]], len(g) + 1   # g[0]: longest T, then longest S
+            padded_tokens, padded_area = T * n, T * S * n
+            if (padded_tokens - (tokens + lengths[i]) <= max_waste * padded_tokens + slack and
+                    padded_area - (area + lengths[i] * contexts[i]) <= max_waste * padded_area + attn_slack):
+                g.append(i)
+                tokens += lengths[i]
+                area += lengths[i] * contexts[i]
+                continue
+        groups.append([i])
+        tokens, area = lengths[i], lengths[i] * contexts[i]
+    return groups
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
+        self.model = model
+        self.cache = cache
+        self.device = device
+        self.block_size = cache.block_size
+
+    @torch.inference_mode()
+    def execute(self, rows: list[RunnerRow], copies: list[tuple[int, int]] = ()) -> Tensor:
+        """Run rows; return logits (sum(num_logits), V) float32, rows' logits in row order."""
+        self.cache.copy_blocks(list(copies))
+        out: list[tuple[int, Tensor]] = []
+        lengths = [len(r.token_ids) for r in rows]
+        for group in group_rows(lengths, [r.start_pos + n for r, n in zip(rows, lengths)]):
+            logits = self._forward([rows[i] for i in group])
+            offset = 0
+            for i in group:
+                n = rows[i].num_logits
+                out.append((i, logits[offset:offset + n]))
+                offset += n
+        out.sort(key=lambda x: x[0])
+        parts = [t for _, t in out if t.shape[0]]
+        if not parts:
+            return torch.empty(0, 0)
+        return torch.cat(parts).float()
+
+    def _forward(self, rows: list[RunnerRow]) -> Tensor:
+        dev, bs = self.device, self.block_size
+        B = len(rows)
+        lens = [len(r.token_ids) for r in rows]
+        T = max(lens)
+        padded_ids = [r.token_ids + [0] * (T - len(r.token_ids)) for r in rows]
+        ids = torch.tensor(padded_ids, dtype=torch.long, device=dev)                  # (B, T)
+        start = torch.tensor([r.start_pos for r in rows], dtype=torch.long, device=dev)
+        n_new = torch.tensor(lens, dtype=torch.long, device=dev)
+        t = torch.arange(T, device=dev)
+        positions = start[:, None] + t[None, :]                                        # (B, T)
+        valid = t[None, :] < n_new[:, None]
+        positions = torch.where(valid, positions, torch.full_like(positions, -1))
+        n_blk = max(len(r.block_table) for r in rows)
+        tables = torch.tensor([r.block_table + [0] * (n_blk - len(r.block_table)) for r in rows],
+                              dtype=torch.long, device=dev)                              # (B, n_blk)
+        # where each new token is written: slot of (row b, position p)
+        p = positions.clamp_min(0)
+        slots = tables.gather(1, p // bs) * bs + p % bs                                 # (B, T)
+        if bool(valid.all()):
+            write_rows, write_slots = None, slots.flatten()
+        else:
+            write_rows = valid.flatten().nonzero().squeeze(1)
+            write_slots = slots.flatten()[write_rows]
+        # what each row reads back: its whole context 0 .. start+n_new-1, padded to S
+        ctx = start + n_new
+        S = int(ctx.max())
+        s = torch.arange(S, device=dev)
+        read_valid = s[None, :] < ctx[:, None]                                          # (B, S)
+        read_pos = torch.where(read_valid, s[None, :].expand(B, S), torch.full((B, S), -1, device=dev))
+        rp = read_pos.clamp_min(0)
+        read_slots = tables.gather(1, rp // bs) * bs + rp % bs
+        self.cache.bind(write_rows, write_slots, read_slots, read_pos)
+        # each row's last num_logits positions, in row order, as indices into the flat (B*T)
+        pick = torch.tensor([b * T + lens[b] - k for b, r in enumerate(rows) for k in range(r.num_logits, 0, -1)],
+                            dtype=torch.long, device=dev)
+        return self._logits_at(ids, positions, pick)
+
+    def _logits_at(self, ids: Tensor, positions: Tensor, pick: Tensor) -> Tensor:
+        """Logits (len(pick), V) at flat positions `pick` of the (B, T) batch.
+
+        With our Transformer, the LM head runs only on the picked positions: for a 32k vocab
+        the head over a whole prefill chunk costs more than all the blocks. Any other module
+        following the protocol is called whole and its logits indexed."""
+        m = self.model
+        if all(hasattr(m, a) for a in ("_embed", "blocks", "norm_f", "lm_head")):
+            x, ctx = m._embed(ids, positions, self.cache, None)
+            for block in m.blocks:
+                x = block(x, ctx)
+            x = x.reshape(-1, x.shape[-1])[pick]                                        # (N, C)
+            return m.lm_head(m.norm_f(x))
+        logits = m(ids, positions=positions, cache=self.cache)                          # (B, T, V)
+        return logits.reshape(-1, logits.shape[-1])[pick]

@@ -1,0 +1,197 @@
+"""Speculative decoding: guess k tokens cheaply, verify them in one target forward.
+
+    LLM(target, speculative={"method": "ngram", "num_speculative_tokens": 4,
+                             "prompt_lookup_max": 4, "prompt_lookup_min": 1})
+    LLM(target, speculative={"method": "draft", "model": path_or_Transformer, "num_speculative_tokens": 4})
+
+How it plugs into the step (engine.py):
+  1. `prepare(decoding seqs)` before scheduling. n-gram: propose now (prompt lookup, S's
+     ngram.py). Draft model: reserve k placeholder tokens, so the scheduler allocates KV
+     slots (and does copy-on-write) for 1 + k tokens.
+  2. `propose(scheduled)` after scheduling (draft model only): the draft catches up on the
+     tokens it has not seen, then runs k - 1 single-token steps, writing its own K/V.
+  3. The target runs [last token, d_1..d_k] and returns k + 1 rows of logits;
+     `verify` keeps the longest accepted prefix plus one target token (S's rejection.py):
+     greedy requests keep drafts equal to the target argmax, so the output is token for
+     token the non-speculative one; sampled requests use rejection sampling, which keeps
+     the target distribution exactly.
+
+The draft model has its own paged cache with the same block ids as the target's (same
+block tables, same copy-on-write), so it needs no bookkeeping of its own beyond
+`seq.draft_computed_tokens`: how many leading tokens have draft K/V. Prefix-cache hits
+do not carry draft K/V, so a sequence's first speculation prefills the draft from 0
+(rewriting shared blocks with the same values: harmless).
+
+Restrictions (documented, by design): only decoding sequences speculate (a sequence
+still prefilling does not); requests asking for logprobs do not speculate (drafts carry no
+logprobs); drafts are dropped for a step whose token budget cannot fit them all.
+"""
+from __future__ import annotations
+
+import torch
+
+from lmstack.infer.ngram import NgramProposer
+from lmstack.infer.paged_cache import PagedKVCache
+from lmstack.infer.rejection import greedy_verify, rejection_sample
+from lmstack.infer.runner import ModelRunner, RunnerRow
+from lmstack.infer.sampler import random_sample, sampling_probs
+from lmstack.infer.sequence import Sequence
+from lmstack.utils import LmstackError
+
+_KEYS = {"method", "num_speculative_tokens", "model", "prompt_lookup_max", "prompt_lookup_min"}
+
+
+def make_speculator(spec: dict, engine) -> "Speculator":
+    if not isinstance(spec, dict) or spec.get("method") not in ("ngram", "draft"):
+        raise LmstackError(f"speculative={spec!r}: needs method 'ngram' or 'draft', e.g. "
+                           f"{{'method': 'ngram', 'num_speculative_tokens': 4}}")
+    unknown = sorted(set(spec) - _KEYS)
+    if unknown:
+        raise LmstackError(f"speculative: unknown key(s) {unknown}; valid: {sorted(_KEYS)}")
+    k = spec.get("num_speculative_tokens", 4)
+    if not isinstance(k, int) or k < 1:
+        raise LmstackError(f"speculative num_speculative_tokens={k!r} must be an int >= 1")
+    if spec["method"] == "ngram":
+        return NgramSpeculator(engine, k, spec.get("prompt_lookup_max", 4), spec.get("prompt_lookup_min", 1))
+    if "model" not in spec:
+        raise LmstackError("speculative method 'draft' needs 'model': a run dir, HF folder or Transformer")
+    return DraftSpeculator(engine, k, spec["model"])
+
+
+class Speculator:
+    method = ""
+
+    def __init__(self, engine, k: int):
+        self.engine = engine
+        self.k = k
+        self.proposed = self.accepted = self.steps = 0
+
+    def _budget(self, seq: Sequence) -> int:
+        """Drafts worth proposing: verifying k drafts yields up to k + 1 tokens."""
+        p = seq.sampling_params
+        if p.logprobs is not None:
+            return 0
+        left = (p.max_tokens if p.max_tokens is not None else 1 << 30) - seq.num_output_tokens
+        return max(0, min(self.k, left - 1, self.engine.max_model_len - len(seq) - 1))
+
+    def prepare(self, seqs: list[Sequence]) -> None: ...
+
+    def propose(self, scheduled) -> None: ...
+
+    def copy_blocks(self, copies) -> None: ...
+
+    def release(self, seq: Sequence) -> None: ...
+
+    def draft_probs(self, seq: Sequence):
+        return None
+
+    def verify(self, seq: Sequence, drafts: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
+        """logits (k+1, V) of the target at [last, d_1..d_k] -> (tokens to append, num accepted)."""
+        eng, p, k = self.engine, seq.sampling_params, len(drafts)
+        outs = [seq.output_token_ids + drafts[:j] for j in range(k + 1)]
+        probs = sampling_probs(logits, [p] * (k + 1), prompt_token_ids=[seq.prompt_token_ids] * (k + 1),
+                               output_token_ids=outs, eos_token_id=eng.eos_token_id)     # (k+1, V)
+        if p.greedy:
+            tokens, n = greedy_verify(probs.argmax(dim=-1), drafts)
+        else:
+            tokens, n = rejection_sample(probs, drafts, self.draft_probs(seq), seq.generator)
+        self.proposed += k
+        self.accepted += n
+        self.steps += 1
+        return tokens, n
+
+    def stats(self) -> dict:
+        return {"spec_method": self.method, "spec_proposed_tokens": self.proposed,
+                "spec_accepted_tokens": self.accepted, "spec_verify_steps": self.steps,
+                "spec_acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0,
+                "spec_mean_accepted_per_step": self.accepted / self.steps if self.steps else 0.0}
+
+
+class NgramSpeculator(Speculator):
+    method = "ngram"
+
+    def __init__(self, engine, k: int, n_max: int, n_min: int):
+        super().__init__(engine, k)
+        self.proposer = NgramProposer(n_max=n_max, n_min=n_min, num_speculative_tokens=k)
+
+    def prepare(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            budget = self._budget(seq)
+            seq.spec_token_ids = self.proposer.propose(seq.token_ids)[:budget] if budget else []
+
+
+class DraftSpeculator(Speculator):
+    method = "draft"
+
+    def __init__(self, engine, k: int, model):
+        super().__init__(engine, k)
+        from lmstack.infer import loader
+        dtype = next(engine.model.parameters()).dtype
+        draft, _, _ = loader.load(model, None, engine.device, dtype)
+        cfg = loader.model_config(draft)
+        if cfg.vocab_size != engine.vocab_size:
+            raise LmstackError(f"draft model vocab_size={cfg.vocab_size} differs from the target's "
+                               f"{engine.vocab_size}; the draft must share the target's tokenizer")
+        if cfg.context_length < engine.max_model_len:
+            raise LmstackError(f"draft model context_length={cfg.context_length} is shorter than the target's "
+                               f"{engine.max_model_len}")
+        bm = engine.block_manager
+        self.cache = PagedKVCache(cfg.n_layer, bm.num_blocks, bm.block_size, cfg.n_kv_head, cfg.head_dim,
+                                  dtype, engine.device)
+        self.runner = ModelRunner(draft, self.cache, engine.device)
+        self._q: dict[int, torch.Tensor] = {}     # seq_id -> (k, V) draft distributions (sampled requests)
+
+    def prepare(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            seq.spec_token_ids = [0] * self._budget(seq)      # placeholders: reserve KV slots
+
+    def copy_blocks(self, copies) -> None:
+        self.cache.copy_blocks(list(copies))
+
+    def propose(self, scheduled) -> None:
+        seqs = [s.seq for s in scheduled if s.seq.spec_token_ids]
+        if not seqs:
+            return
+        ks = {seq.seq_id: len(seq.spec_token_ids) for seq in seqs}
+        for seq in seqs:
+            seq.spec_token_ids = []
+        # catch-up: feed every token the draft has not seen; its last logits give d_1
+        rows = [RunnerRow(seq.token_ids[seq.draft_computed_tokens:], seq.draft_computed_tokens, seq.block_table, 1)
+                for seq in seqs]
+        qs: dict[int, list[torch.Tensor]] = {seq.seq_id: [] for seq in seqs}
+        for seq in seqs:
+            seq.draft_computed_tokens = len(seq)
+        active = seqs
+        while active:
+            logits = self.runner.execute(rows)                                          # (len(active), V)
+            for seq, row_logits in zip(active, logits):
+                seq.spec_token_ids.append(self._draw(seq, row_logits, qs[seq.seq_id]))
+            active = [s for s in active if len(s.spec_token_ids) < ks[s.seq_id]]
+            rows = [RunnerRow([s.spec_token_ids[-1]], len(s) + len(s.spec_token_ids) - 1, s.block_table, 1)
+                    for s in active]
+        for seq in seqs:
+            if qs[seq.seq_id]:
+                self._q[seq.seq_id] = torch.stack(qs[seq.seq_id])
+
+    def _draw(self, seq: Sequence, logits: torch.Tensor, q_rows: list) -> int:
+        p = seq.sampling_params
+        if p.greedy:
+            return int(logits.argmax())
+        q = sampling_probs(logits[None], [p], prompt_token_ids=[seq.prompt_token_ids],
+                           output_token_ids=[seq.output_token_ids + seq.spec_token_ids],
+                           eos_token_id=self.engine.eos_token_id)[0]
+        q_rows.append(q)
+        return int(random_sample(q[None], [seq.generator] if seq.generator is not None else None)[0])
+
+    def draft_probs(self, seq: Sequence):
+        return self._q.pop(seq.seq_id, None)
+
+    def verify(self, seq: Sequence, drafts: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
+        before = len(seq)
+        tokens, n = super().verify(seq, drafts, logits)
+        # draft K/V is valid for the original tokens and the accepted drafts it was fed (d_1..d_{k-1})
+        seq.draft_computed_tokens = before + min(n, len(drafts) - 1)
+        return tokens, n
+
+    def release(self, seq: Sequence) -> None:
+        self._q.pop(seq.seq_id, None)

@@ -1,0 +1,160 @@
+"""Self-attention: the one code path for training, contiguous-cache and paged-cache inference.
+
+    q, k, v projections -> QK-norm -> RoPE by explicit positions -> cache.update (if a cache)
+    -> mask from query positions vs key positions -> SDPA (or the explicit math path)
+
+Who may attend to whom is decided from positions alone (see cache.py): key slot s is
+visible to query t iff k_pos >= 0 and, per `mask`,
+    causal         k_pos <= q_pos
+    bidirectional  always
+    prefix         k_pos <= q_pos  or  k_pos < prefix_len of the row
+and with a sliding window W also |q_pos - k_pos| < W. Padding queries (q_pos = -1) see every
+slot so no softmax row is empty (their outputs are discarded). ALiBi adds
+-slope_h * |q_pos - k_pos| to the scores.
+
+Training with no cache and a plain causal mask takes the `is_causal=True` fast path of
+`F.scaled_dot_product_attention` (no mask tensor at all). `attention_math` is the explicit
+softmax(QK^T/sqrt(d) + mask)V used by `Transformer.introspect`; tests check it equals SDPA.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmstack.model.config import ModelConfig
+from lmstack.model.layers import RMSNorm
+from lmstack.model.positions import alibi_slopes, apply_rope
+
+
+@dataclass
+class AttnContext:
+    """Everything the attention layers of one forward share (built once by the Transformer)."""
+    positions: Tensor                       # (B, T) long, -1 = padding
+    cache: object | None = None             # KV-cache protocol object, or None
+    cos: Tensor | None = None               # RoPE tables (B, 1, T, rot), or None
+    sin: Tensor | None = None
+    causal_fast: bool = False               # SDPA is_causal=True is exactly right
+    no_mask: bool = False                   # every key visible to every query (bidirectional, no cache)
+    mask_kind: str = "causal"
+    window: int | None = None
+    prefix_lens: Tensor | None = None       # (B,) long, mask="prefix"
+    slopes: Tensor | None = None            # (H,) ALiBi slopes, or None
+    record: list | None = None              # introspect(): attention probs are appended here
+    _mask_key: tuple | None = field(default=None, repr=False)
+    _mask: Tensor | None = field(default=None, repr=False)
+
+    def mask_for(self, k_pos: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """The mask for keys at k_pos (B, S): bool (B, 1, T, S), float (B, H, T, S) with ALiBi,
+        or None when no mask is needed. Reused across layers while k_pos is the same tensor data."""
+        if self.causal_fast or self.no_mask:
+            return None
+        key = (k_pos.data_ptr(), tuple(k_pos.shape), k_pos.stride(), dtype)
+        if key != self._mask_key:
+            self._mask = build_mask(self.positions, k_pos, self.mask_kind, self.window, self.prefix_lens,
+                                    self.slopes, dtype)
+            self._mask_key = key
+        return self._mask
+
+
+def build_mask(q_pos: Tensor, k_pos: Tensor, kind: str, window: int | None = None,
+               prefix_lens: Tensor | None = None, slopes: Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """Visibility of keys at k_pos (B, S) to queries at q_pos (B, T).
+
+    Returns bool (B, 1, T, S) (True = may attend), or, when ALiBi slopes (H,) are given, an
+    additive float mask (B, H, T, S) with -inf where not visible."""
+    qp = q_pos[:, :, None]      # (B, T, 1)
+    kp = k_pos[:, None, :]      # (B, 1, S)
+    visible = kp >= 0
+    if kind == "causal":
+        visible = visible & (kp <= qp)
+    elif kind == "prefix":
+        if prefix_lens is None:
+            visible = visible & (kp <= qp)
+        else:
+            visible = visible & ((kp <= qp) | (kp < prefix_lens.to(kp.device)[:, None, None]))
+    if window is not None:
+        visible = visible & ((qp - kp).abs() < window)
+    visible = (visible | (qp < 0)).unsqueeze(1)  # padding queries see every slot
+    if slopes is None:
+        return visible
+    dist = (qp - kp).abs().unsqueeze(1).to(torch.float32)               # (B, 1, T, S)
+    bias = -slopes.to(dist.device)[None, :, None, None] * dist          # (B, H, T, S)
+    return bias.masked_fill(~visible, float("-inf")).to(dtype)
+
+
+def attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False,
+                   dropout_p: float = 0.0, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale + mask) v, written out. q (B, H, T, D), k/v (B, KV, S, D).
+
+    Returns (out (B, H, T, D), probs (B, H, T, S)). Same semantics as SDPA's arguments."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # GQA: each kv head serves n_rep consecutive query heads
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)).float() * scale                  # (B, H, T, S)
+    if is_causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v, probs
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query self-attention (n_kv_head key/value heads)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout = cfg.dropout
+        # q, k and v in one matmul: rows [q (H*D) | k (KV*D) | v (KV*D)]
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
+        B, T, _ = x.shape
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
+        k = k.view(B, T, KV, D).transpose(1, 2)   # (B, KV, T, D)
+        v = v.view(B, T, KV, D).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.cos is not None:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        k_pos = ctx.positions
+        if ctx.cache is not None:
+            k, v, k_pos = ctx.cache.update(self.layer_idx, k, v, ctx.positions)
+            if k.shape[0] != B or k.shape[1] != KV or k.shape[3] != D or k_pos.shape != (B, k.shape[2]):
+                raise ValueError(f"KV cache returned k of shape {tuple(k.shape)} and k_pos {tuple(k_pos.shape)}; "
+                                 f"layer {self.layer_idx} expects (B={B}, n_kv_head={KV}, S, head_dim={D}) and (B, S)")
+            if k.dtype != q.dtype:  # e.g. a float32 cache under bf16 autocast
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        mask = ctx.mask_for(k_pos, q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+        if ctx.record is not None:
+            y, probs = attention_math(q, k, v, mask, is_causal=ctx.causal_fast, dropout_p=dropout_p)
+            ctx.record.append(probs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=ctx.causal_fast, enable_gqa=KV != H)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.proj(y)
+
+
+def make_slopes(cfg: ModelConfig) -> Tensor | None:
+    return alibi_slopes(cfg.n_head) if cfg.pos_emb == "alibi" else None

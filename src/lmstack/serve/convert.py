@@ -1,0 +1,187 @@
+"""Map OpenAI requests onto the engine and the engine's outputs back onto OpenAI shapes.
+
+Pure functions (no HTTP): request -> (prompt token ids, SamplingParams); per-token
+log-probs -> the completions or chat `logprobs` object; the usage block. The checks that
+need the served model's numbers (context length, vocabulary, the `n` limit) live here
+too, so every rejection happens before the engine sees the request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmstack.serve.errors import APIError
+from lmstack.serve.protocol import ChatMessage, CompletionRequest, _SamplingRequest
+
+# Roles outside the tokenizer's template that mean the same thing there.
+_ROLE_ALIASES = {"developer": "system"}
+MAX_PROMPTS_PER_REQUEST = 64
+
+
+@dataclass
+class Limits:
+    context_length: int
+    n_vocab: int
+    max_n: int
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested not in (None, "", served):
+        raise APIError(404, f"model '{requested}' does not exist; this server serves '{served}' "
+                            "(see GET /v1/models)", param="model", code="model_not_found")
+
+
+def completion_prompts(req: CompletionRequest, tokenizer, limits: Limits) -> list[list[int] | str]:
+    """Normalise `prompt` to a list of prompts, each text or token ids (ids range-checked)."""
+    p = req.prompt
+    if isinstance(p, str):
+        prompts: list = [p]
+    elif all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    else:
+        prompts = list(p)
+    if len(prompts) > MAX_PROMPTS_PER_REQUEST:
+        raise APIError(400, f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(prompts)}",
+                       param="prompt")
+    for i, ids in enumerate(prompts):
+        if isinstance(ids, list):
+            bad = next((t for t in ids if not 0 <= t < limits.n_vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt[{i}] has token id {bad} outside the vocabulary [0, {limits.n_vocab})",
+                               param="prompt")
+    return prompts
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    # Special tokens written in a raw completion prompt are honoured, as HF and vLLM do.
+    return tokenizer.encode(text, allowed_special="all")
+
+
+def chat_prompt_ids(messages: list[ChatMessage], tokenizer) -> list[int]:
+    """The tokenizer's chat template, ending with the assistant's turn to speak."""
+    messages = [{"role": _ROLE_ALIASES.get(m.role, m.role), "content": m.text()} for m in messages]
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    except (ValueError, KeyError) as e:
+        raise APIError(400, f"messages cannot be rendered by the chat template: {e}", param="messages") from None
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, limits: Limits, param: str) -> int:
+    """Default: the rest of the context. A prompt that does not fit is rejected, like OpenAI."""
+    room = limits.context_length - prompt_len
+    if room <= 0:
+        raise APIError(400, f"this model's maximum context length is {limits.context_length} tokens, but the "
+                            f"prompt has {prompt_len} tokens; shorten the prompt", param="messages"
+                       if param == "max_completion_tokens" else "prompt", code="context_length_exceeded")
+    if requested is None:
+        return room
+    if requested > room:
+        raise APIError(400, f"this model's maximum context length is {limits.context_length} tokens, but "
+                            f"{prompt_len} prompt tokens + {param}={requested} exceed it; set {param} <= {room}",
+                       param=param, code="context_length_exceeded")
+    return requested
+
+
+def sampling_params(req: _SamplingRequest, max_tokens: int, limits: Limits, *, logprobs: int | None,
+                    stop_token_ids: list[int] | None = None):
+    from lmstack.infer import SamplingParams  # the engine is a floor below; import where used
+
+    if req.n > limits.max_n:
+        raise APIError(400, f"n={req.n} is above this server's limit of {limits.max_n}; lower n "
+                            "(or start the server with a larger --max-n)", param="n")
+    try:
+        return SamplingParams(
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            min_p=req.min_p,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            seed=req.seed,
+            stop=req.stop_list(),
+            stop_token_ids=stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+        )
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"invalid sampling parameters: {e}") from None
+
+
+def chat_stop_token_ids(tokenizer) -> list[int] | None:
+    """The assistant's turn ends at `<|end|>` in our chat template; stop there too."""
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    ids = [specials[s] for s in ("<|end|>",) if s in specials]
+    return ids or None
+
+
+# ------------------------------------------------------------------- log-probs
+
+def _lp_value(lp: Any) -> float:
+    return float(getattr(lp, "logprob", lp))
+
+
+def token_text(tokenizer, token_id: int, lp: Any = None) -> str:
+    decoded = getattr(lp, "decoded_token", None)
+    return decoded if isinstance(decoded, str) else tokenizer.decode([token_id])
+
+
+def _token_bytes(tokenizer, token_id: int) -> list[int]:
+    return list(tokenizer.token_bytes(token_id))
+
+
+def _ranked(entry: dict, k: int) -> list[tuple[int, Any]]:
+    """The k most likely (token_id, Logprob) pairs of one position, best first."""
+    return sorted(entry.items(), key=lambda kv: -_lp_value(kv[1]))[:k]
+
+
+def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict] | None, k: int,
+                        text_offset: int) -> dict:
+    """OpenAI legacy completions shape; `top_logprobs[i]` holds the top k plus the sampled token."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if logprobs is None:
+        return out
+    offset = text_offset
+    for tid, entry in zip(token_ids, logprobs):
+        text = token_text(tokenizer, tid, entry.get(tid))
+        out["tokens"].append(text)
+        out["token_logprobs"].append(_lp_value(entry[tid]) if tid in entry else None)
+        top = {token_text(tokenizer, t, lp): _lp_value(lp) for t, lp in _ranked(entry, k)}
+        if tid in entry:
+            top.setdefault(text, _lp_value(entry[tid]))
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict] | None, k: int) -> dict:
+    """OpenAI chat shape: one record per token with its bytes and the top k alternatives."""
+    content = []
+    if logprobs is None:
+        return {"content": content}
+    for tid, entry in zip(token_ids, logprobs):
+        content.append({
+            "token": token_text(tokenizer, tid, entry.get(tid)),
+            "logprob": _lp_value(entry[tid]) if tid in entry else -9999.0,  # OpenAI's "very unlikely"
+            "bytes": _token_bytes(tokenizer, tid),
+            "top_logprobs": [{"token": token_text(tokenizer, t, lp), "logprob": _lp_value(lp),
+                              "bytes": _token_bytes(tokenizer, t)} for t, lp in _ranked(entry, k)],
+        })
+    return {"content": content}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def stable_text(text: str, finished: bool) -> str:
+    """Hold back a trailing U+FFFD while unfinished: it is usually half of a multi-byte
+    character that the next token completes, and streamed text cannot be taken back."""
+    if finished:
+        return text
+    return text.rstrip("\ufffd")

@@ -1,0 +1,121 @@
+"""Endpoints behind the web dashboard: tokenization, the next-token distribution, attention.
+
+These call the model directly (one forward of a short prompt), not the engine, so they run
+in a worker thread (`asyncio.to_thread`) under a lock: the event loop keeps streaming other
+requests while a forward runs, and two dashboard forwards never compete for the cores.
+
+    POST /v1/internal/tokenize                 text -> token spans (ids, bytes, bytes/token)
+    POST /v1/internal/next_token_distribution  text -> top-N logits of the next token; the page
+                                               re-applies temperature/top-k/top-p/min-p itself
+    POST /v1/internal/attention                short text -> attention weights per layer and head
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Request
+
+from lmstack.serve.api import ERROR_RESPONSES, ServeState, state_of
+from lmstack.serve.convert import chat_prompt_ids, encode_text
+from lmstack.serve.errors import APIError
+from lmstack.serve.protocol import AttentionRequest, NextTokenRequest, TokenizeRequest, _TextInput
+
+router = APIRouter(prefix="/v1/internal", tags=["dashboard"])
+_model_lock = threading.Lock()
+
+
+def _specials(s: ServeState) -> set[int]:
+    return set((getattr(s.tokenizer, "special_tokens", None) or {}).values())
+
+
+def _ids(s: ServeState, body: _TextInput) -> list[int]:
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "send exactly one of 'prompt' (text) or 'messages' (chat)", param="prompt")
+    if body.prompt is not None:
+        return encode_text(s.tokenizer, body.prompt)
+    return chat_prompt_ids(body.messages, s.tokenizer)
+
+
+def _token_record(tokenizer, tid: int, specials: set[int]) -> dict:
+    raw = bytes(tokenizer.token_bytes(tid))
+    return {"id": tid, "text": raw.decode("utf-8", errors="replace"), "bytes": raw.hex(),
+            "n_bytes": len(raw), "special": tid in specials}
+
+
+def _model_of(s: ServeState):
+    model = getattr(s.engine, "model", None)
+    if model is None:
+        raise APIError(503, "the engine does not expose its model; the dashboard's model views are unavailable")
+    return model
+
+
+def _forward(model, ids: list[int], introspect: bool):
+    """One forward pass of a single prompt, on the model's device. Called in a thread."""
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    with _model_lock, torch.inference_mode():
+        if introspect:
+            return model.introspect(x)
+        return model(x)[0, -1].float().cpu()                   # (vocab,) logits of the next token
+
+
+@router.post("/tokenize", responses=ERROR_RESPONSES)
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    s = state_of(request)
+    ids = await asyncio.to_thread(_ids, s, body)
+    specials = _specials(s)
+    tokens = [_token_record(s.tokenizer, t, specials) for t in ids]
+    n_bytes = sum(t["n_bytes"] for t in tokens)
+    return {"tokens": tokens, "n_tokens": len(ids), "n_bytes": n_bytes,
+            "n_chars": len(body.prompt) if body.prompt is not None else len(s.tokenizer.decode(ids)),
+            "bytes_per_token": n_bytes / len(ids) if ids else 0.0}
+
+
+@router.post("/next_token_distribution", responses=ERROR_RESPONSES)
+async def next_token_distribution(body: NextTokenRequest, request: Request) -> dict[str, Any]:
+    s = state_of(request)
+    ids = await asyncio.to_thread(_ids, s, body)
+    if not ids:
+        raise APIError(400, "the prompt is empty; type some text first", param="prompt")
+    if len(ids) > s.limits.context_length:
+        raise APIError(400, f"the prompt has {len(ids)} tokens, above the context length "
+                            f"{s.limits.context_length}; shorten it", param="prompt")
+    logits = await asyncio.to_thread(_forward, _model_of(s), ids, False)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    entropy = float(-(logp.exp() * logp).sum())      # nats, full vocabulary, temperature 1
+    top = torch.topk(logits, min(body.top_n, logits.numel()))
+    lse = float(torch.logsumexp(logits.double(), dim=-1))
+    specials = _specials(s)
+    tokens = []
+    for value, tid in zip(top.values.tolist(), top.indices.tolist()):
+        rec = _token_record(s.tokenizer, tid, specials)
+        rec["logit"] = value
+        rec["prob"] = math.exp(value - lse)
+        tokens.append(rec)
+    return {"prompt_tokens": len(ids), "n_vocab": int(logits.numel()), "logsumexp": lse,
+            "entropy": entropy, "tokens": tokens}
+
+
+@router.post("/attention", responses=ERROR_RESPONSES)
+async def attention(body: AttentionRequest, request: Request) -> dict[str, Any]:
+    s = state_of(request)
+    cap = request.app.state.max_attention_tokens
+    ids = await asyncio.to_thread(_ids, s, body)
+    if not ids:
+        raise APIError(400, "the prompt is empty; type some text first", param="prompt")
+    if len(ids) > cap:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; attention maps are limited to {cap} tokens, "
+                            "shorten it", param="prompt")
+    model = _model_of(s)
+    if not hasattr(model, "introspect"):
+        raise APIError(503, "this model has no introspect() hook; attention maps are unavailable")
+    result = await asyncio.to_thread(_forward, model, ids, True)
+    # attentions: one (1, H, T, T) tensor per layer -> [layer][head][query][key], 4 decimals
+    maps = [[[[round(v, 4) for v in row] for row in head] for head in layer[0].float().cpu().tolist()]
+            for layer in result["attentions"]]
+    return {"tokens": [_token_record(s.tokenizer, t, _specials(s)) for t in ids],
+            "n_layer": len(maps), "n_head": len(maps[0]) if maps else 0, "attentions": maps}

@@ -1,0 +1,162 @@
+"""Pretraining objectives: what the model sees, which attention mask it uses, where the loss is.
+
+An objective turns a packed batch `(x, y)` from the sampler (y = x shifted by one) into a
+`Batch` for the model and computes the loss from the logits. Three are built in:
+
+    causal   next-token prediction on every position, causal attention (GPT).
+    masked   BERT-style masked LM: 15% of positions are chosen; of those 80% become the mask
+             token, 10% a random token, 10% stay as they are; attention is bidirectional and
+             the loss is taken on the chosen positions only (predicting the original token).
+    prefix   prefix LM (T5/UniLM style): a prefix length L is drawn per row; attention is
+             bidirectional over x[:L] and causal after it; the loss covers only the tokens
+             after the prefix, i.e. positions L-1 .. T-1 (position t predicts token t+1, and
+             position L-1 is the last one that has not seen token L).
+
+The mask token for MLM: if the tokenizer defines "<|mask|>" we use its id; otherwise the
+model's vocabulary gets one extra row and the mask id is the tokenizer's `n_vocab` (an id no
+text can ever encode to). `Trainer` sets `ModelConfig.mask` from `Objective.model_mask`.
+
+The loss is pluggable: finetuning passes its own batches (targets of -100 where the loss mask
+is 0) to `CausalLM`, or its own `Objective` subclass, to the one `Trainer`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100  # targets with this value carry no loss (F.cross_entropy's convention)
+MASK_TOKEN = "<|mask|>"
+
+
+@dataclass
+class Batch:
+    """One model input. `targets[b, t]` is the token position t must predict, or IGNORE_INDEX."""
+    input_ids: Tensor                 # (B, T) long
+    targets: Tensor                   # (B, T) long
+    prefix_lens: Tensor | None = None  # (B,) long, only for the prefix LM
+
+    def to(self, device: torch.device) -> "Batch":
+        pl = None if self.prefix_lens is None else self.prefix_lens.to(device, non_blocking=True)
+        return Batch(self.input_ids.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), pl)
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+def token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over positions whose target is not IGNORE_INDEX. logits (B, T, V)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+class Objective:
+    """Base class: causal next-token prediction. Subclasses change the batch and the mask."""
+    name = "causal"
+    model_mask = "causal"  # the ModelConfig.mask this objective needs
+
+    def make_batch(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Batch:
+        return Batch(x, y)
+
+    def forward(self, model, batch: Batch) -> Tensor:
+        """Run the model and return logits (B, T, V)."""
+        if batch.prefix_lens is not None:
+            return model(batch.input_ids, prefix_lens=batch.prefix_lens)
+        return model(batch.input_ids)
+
+    def loss(self, model, batch: Batch) -> Tensor:
+        return token_loss(self.forward(model, batch), batch.targets)
+
+
+CausalLM = Objective
+
+
+class MaskedLM(Objective):
+    """BERT-style masked LM. `vocab_size` bounds the random replacement tokens."""
+    name = "masked"
+    model_mask = "bidirectional"
+
+    def __init__(self, mask_id: int, vocab_size: int, mask_prob: float = 0.15):
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        self.mask_id, self.vocab_size, self.mask_prob = mask_id, vocab_size, mask_prob
+
+    @staticmethod
+    def corrupt(x: Tensor, selected: Tensor, action: Tensor, random_tokens: Tensor, mask_id: int) -> Batch:
+        """The pure part: apply chosen positions and actions. Shapes all (B, T).
+
+        selected: bool, positions that get a loss; action: 0 = replace by mask_id,
+        1 = replace by random_tokens, 2 = keep. Targets are the originals at selected positions."""
+        inputs = x.clone()
+        inputs = torch.where(selected & (action == 0), torch.full_like(x, mask_id), inputs)
+        inputs = torch.where(selected & (action == 1), random_tokens, inputs)
+        targets = torch.where(selected, x, torch.full_like(x, IGNORE_INDEX))
+        return Batch(inputs, targets)
+
+    def make_batch(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Batch:
+        B, T = x.shape
+        # Exactly round(p*T) positions per row (at least 1), so every row has a loss.
+        k = max(1, round(self.mask_prob * T))
+        order = torch.rand(B, T, generator=generator).argsort(dim=1)
+        selected = torch.zeros(B, T, dtype=torch.bool)
+        selected.scatter_(1, order[:, :k], True)
+        u = torch.rand(B, T, generator=generator)
+        action = torch.where(u < 0.8, 0, torch.where(u < 0.9, 1, 2))  # 80 / 10 / 10
+        random_tokens = torch.randint(0, self.vocab_size, (B, T), generator=generator)
+        return self.corrupt(x, selected, action, random_tokens, self.mask_id)
+
+
+class PrefixLM(Objective):
+    """Prefix LM: prefix length L ~ Uniform{1, ..., T-1} per row; loss on positions >= L-1."""
+    name = "prefix"
+    model_mask = "prefix"
+
+    @staticmethod
+    def targets_for(y: Tensor, prefix_lens: Tensor) -> Tensor:
+        """Keep y[b, t] for t >= L_b - 1 (predicting tokens after the prefix), ignore the rest."""
+        T = y.size(1)
+        t = torch.arange(T).unsqueeze(0)                    # (1, T)
+        keep = t >= (prefix_lens.unsqueeze(1) - 1)          # (B, T)
+        return torch.where(keep, y, torch.full_like(y, IGNORE_INDEX))
+
+    def make_batch(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Batch:
+        B, T = x.shape
+        if T < 2:
+            raise ValueError("the prefix LM needs seq_len >= 2")
+        prefix_lens = torch.randint(1, T, (B,), generator=generator)
+        return Batch(x, self.targets_for(y, prefix_lens), prefix_lens)
+
+
+def attention_allowed(kind: str, T: int, prefix_lens: Tensor | None = None) -> Tensor:
+    """Reference mask (B or 1, T, T): query i may attend key j. Used by tests and docs."""
+    i = torch.arange(T).view(T, 1)
+    j = torch.arange(T).view(1, T)
+    causal = (j <= i).unsqueeze(0)
+    if kind == "causal":
+        return causal
+    if kind == "bidirectional":
+        return torch.ones(1, T, T, dtype=torch.bool)
+    if kind == "prefix":
+        return causal | (j.unsqueeze(0) < prefix_lens.view(-1, 1, 1))
+    raise ValueError(f"unknown mask kind {kind!r}")
+
+
+OBJECTIVES = ("causal", "masked", "prefix")
+
+
+def build_objective(name: str, tokenizer_specials: dict[str, int] | None, n_vocab: int,
+                    mask_prob: float = 0.15) -> tuple[Objective, int]:
+    """The objective for `name` and the model vocabulary size it needs (MLM may add a row)."""
+    if name == "causal":
+        return Objective(), n_vocab
+    if name == "prefix":
+        return PrefixLM(), n_vocab
+    if name == "masked":
+        specials = tokenizer_specials or {}
+        if MASK_TOKEN in specials:
+            return MaskedLM(specials[MASK_TOKEN], n_vocab, mask_prob), n_vocab
+        return MaskedLM(n_vocab, n_vocab, mask_prob), n_vocab + 1
+    raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")

@@ -1,0 +1,46 @@
+"""`lmstack serve` end to end: start the command as a subprocess on a free port, call the
+API with the openai client, stop it; and its one-line errors for bad arguments."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+
+from lmstack.cli.main import main
+
+
+def test_serve_command_end_to_end(run_dir, port):
+    cmd = [sys.executable, "-m", "lmstack.cli.main", "serve", str(run_dir), "--port", str(port),
+           "--api-key", "sk-cli", "--max-num-seqs", "8", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-cli", max_retries=0)
+        r = client.chat.completions.create(model=run_dir.name, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert httpx.get(url + "/").text.startswith("<!doctype html>")
+        assert "lmstack_requests_total" in httpx.get(url + "/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_serve_rejects_bad_model_dirs_in_one_line(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not found" in err
+    assert main(["serve", str(tmp_path)]) == 1          # exists, but holds no model
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "config.json" in err

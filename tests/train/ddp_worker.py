@@ -1,0 +1,44 @@
+"""Run under torchrun by test_distributed.py (one launch, to save process start-ups):
+
+    torchrun --standalone --nproc-per-node 2 ddp_worker.py OUT
+      1. one DDP forward/backward with per-rank batch 2 of OUT/batch.pt -> OUT/grads_rank{r}.safetensors
+      2. 4 steps of DDP training into OUT/ddp (checkpoints at steps 2 and 4)
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_toy import ToySampler, tiny_model_config, toy_config  # noqa: E402
+
+from lmstack.train import Trainer  # noqa: E402
+
+out = Path(sys.argv[1])
+torch.set_num_threads(1)
+from safetensors.torch import save_file
+x = torch.load(out / "batch.pt", weights_only=True)           # (4, T): the single-process batch
+rank = int(os.environ["RANK"])
+
+class Fixed:
+    def next_batch(self):
+        part = x[2 * rank:2 * rank + 2]
+        return part[:, :-1], part[:, 1:]
+
+    def state_dict(self):
+        return {}
+
+t = Trainer(toy_config(out / "run", batch_size=2, seq_len=x.shape[1] - 1, grad_clip=0.0),
+            tiny_model_config(), train_sampler=Fixed())
+t._setup()
+# one forward/backward exactly as train_step does, then read the all-reduced gradients
+batch = t.objective.make_batch(*Fixed().next_batch(), t.gen)
+loss, _ = t._micro_loss(t.model, batch)
+loss.backward()
+save_file({n: p.grad.contiguous() for n, p in t.raw_model.named_parameters()},
+          str(out / f"grads_rank{rank}.safetensors"))
+
+cfg = toy_config(out / "ddp", max_steps=4, ckpt_every=2, batch_size=2)
+Trainer(cfg, tiny_model_config(), train_sampler=ToySampler(2, cfg.seq_len, seed=int(os.environ["RANK"])),
+        val_sampler=ToySampler(2, cfg.seq_len, seed=99)).fit()
