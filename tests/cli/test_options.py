@@ -60,3 +60,10 @@ def test_unknown_flag_on_nested_subcommand_lists_its_options(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown option --vocab-sise" in err and "did you mean --vocab-size" in err
+
+
+def test_bare_boolean_flag_means_true():
+    p = Parser()
+    add_options(p, Opts)
+    assert build_options(Opts, p.parse_args(["--compile"])).compile is True
+    assert build_options(Opts, p.parse_args(["--compile", "false"])).compile is False

@@ -337,3 +337,61 @@ def test_cuda_matches_cpu_and_bf16_cache():
             last = g(x[:, 19:].cuda(), positions=torch.full((2, 1), 19, device="cuda"), cache=cache)
         assert step.shape == (2, 19, V)
         assert (last[:, 0].float().cpu() - ref[:, 19]).abs().max().item() < 0.1
+
+
+# ---- logits_indices: the head only where logits are wanted ---------------------------
+@pytest.mark.parametrize("variant", ["rope-gqa", "learned-gelu-layernorm", "sinusoidal-relu-postnorm", "moe"])
+def test_logits_indices_pick_rows_of_full_forward(variant):
+    m = model(**VARIANTS[variant])
+    x = ids(B=3, T=11)
+    idx = torch.tensor([10, 0, 21, 21, 32, 15])          # flat b * T + t, any order, repeats allowed
+    with torch.no_grad():
+        full = m(x).reshape(3 * 11, V)
+        picked = m(x, logits_indices=idx)
+        empty = m(x, logits_indices=torch.zeros(0, dtype=torch.long))
+    assert picked.shape == (6, V) and empty.shape == (0, V)
+    # per-row math is the same; a GEMM with fewer rows may block its sums differently
+    assert (picked - full[idx]).abs().max().item() < 1e-6
+
+
+def test_logits_indices_with_cache_and_padding():
+    m = model()
+    x = ids(B=2, T=9)
+    pos = torch.arange(9).expand(2, 9).clone()
+    pos[1, 6:] = -1                                        # row 1 is 6 tokens, padded
+    idx = torch.tensor([8, 9 + 5])                          # last real token of each row
+    with torch.no_grad():
+        full = m(x, positions=pos, cache=ContiguousKVCache(2, 2, 16, 2, 16)).reshape(18, V)
+        picked = m(x, positions=pos, cache=ContiguousKVCache(2, 2, 16, 2, 16), logits_indices=idx)
+    assert (picked - full[idx]).abs().max().item() < 1e-6
+
+
+def test_logits_indices_rejects_bad_input():
+    m = model()
+    x = ids(B=2, T=5)
+    with pytest.raises(ValueError, match=r"\[0, B\*T=10\)"):
+        m(x, logits_indices=torch.tensor([10]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        m(x, logits_indices=torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        m(x, logits_indices=torch.tensor([0.0]))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_split_views_match_fused_matmul(bias):
+    # MLP runs gate and up as two views of the fused fc weight; same values and gradients
+    # as one fused matmul split afterwards
+    from lmstack.model.layers import MLP
+    torch.manual_seed(0)
+    mlp = MLP(tiny(bias=bias, intermediate_size=48))
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    y = mlp(x)
+    y.square().sum().backward()
+    got = (y.detach(), x.grad.clone(), mlp.fc.weight.grad.clone())
+    x.grad = None
+    mlp.zero_grad()
+    gate, up = F.linear(x, mlp.fc.weight, mlp.fc.bias).chunk(2, dim=-1)
+    ref = mlp.proj(F.silu(gate) * up)
+    ref.square().sum().backward()
+    for a, b in zip(got, (ref.detach(), x.grad, mlp.fc.weight.grad)):
+        assert (a - b).abs().max().item() < 1e-5

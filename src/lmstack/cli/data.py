@@ -87,9 +87,6 @@ def register(subparsers) -> None:
     b = sub.add_parser("build", help="corpus -> docs/tasks/eval/kb -> tokenizer -> token shards",
                        description="Build a data directory DIR (see lmstack.data.build for the layout).")
     add_options(b, DataBuildOptions)
-    for action in b._actions:           # boolean flags also work bare: `--dedupe` == `--dedupe true`
-        if action.dest == "dedupe":
-            action.nargs, action.const = "?", "true"
     b.set_defaults(func=_build)
     s = sub.add_parser("stats", help="documents, tokens, duplicates, splits and a sample of each task")
     s.add_argument("dir", metavar="DIR", help="a data directory made by `lmstack data build`")

@@ -124,10 +124,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, recipe: bool = True)
         if f.metadata.get("cli") is False:
             continue
         flag = "--" + f.name.replace("_", "-")
-        tp = hints[f.name]
-        parser.add_argument(flag, dest=f.name, default=_UNSET, metavar=_base_type(tp).__name__.upper()
-                            if isinstance(_base_type(tp), type) else "VALUE",
-                            help=_help(f))
+        base = _base_type(hints[f.name])
+        metavar = base.__name__.upper() if isinstance(base, type) else "VALUE"
+        # A boolean flag may be given bare: `--resume` means `--resume true`.
+        extra = {"nargs": "?", "const": "true"} if base is bool else {}
+        parser.add_argument(flag, dest=f.name, default=_UNSET, metavar=metavar, help=_help(f), **extra)
 
 
 def valid_keys(cls: type) -> list[str]:

@@ -27,9 +27,6 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help=doc[0].split(": ", 1)[-1], description="\n\n".join(doc[:3]),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, TrainConfig)
-    for action in p._actions:   # boolean flags may be given bare: `--resume` means `--resume true`
-        if action.dest in ("resume", "compile", "activation_checkpointing"):
-            action.nargs, action.const = "?", "true"
     p.set_defaults(func=run)
 
 

@@ -10,6 +10,10 @@
 detokenize, check stop conditions -> free finished sequences' blocks -> outputs of the
 requests that moved. `LLM.generate` (offline) loops it until its requests finish;
 `AsyncLLM` (async_engine.py) runs the same loop in a background thread.
+
+CPU note: a tiny model's ops are too small to split across threads; on a busy machine two
+intra-op threads that wait for each other made a decode step up to ~10x slower than one
+thread (`torch.set_num_threads(1)`). The engine leaves that global setting to the caller.
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lmstack.infer.paged_cache import PagedKVCache
+from lmstack.model import Transformer
 
 
 @dataclass
@@ -126,15 +127,11 @@ class ModelRunner:
     def _logits_at(self, ids: Tensor, positions: Tensor, pick: Tensor) -> Tensor:
         """Logits (len(pick), V) at flat positions `pick` of the (B, T) batch.
 
-        With our Transformer, the LM head runs only on the picked positions: for a 32k vocab
-        the head over a whole prefill chunk costs more than all the blocks. Any other module
-        following the protocol is called whole and its logits indexed."""
+        Our Transformer takes `logits_indices` and runs its LM head only on the picked
+        positions: for a 32k vocab the head over a whole prefill chunk costs more than all the
+        blocks. Any other module following the protocol is called whole and its logits indexed."""
         m = self.model
-        if all(hasattr(m, a) for a in ("_embed", "blocks", "norm_f", "lm_head")):
-            x, ctx = m._embed(ids, positions, self.cache, None)
-            for block in m.blocks:
-                x = block(x, ctx)
-            x = x.reshape(-1, x.shape[-1])[pick]                                        # (N, C)
-            return m.lm_head(m.norm_f(x))
+        if isinstance(m, Transformer):
+            return m(ids, positions=positions, cache=self.cache, logits_indices=pick)   # (N, V)
         logits = m(ids, positions=positions, cache=self.cache)                          # (B, T, V)
         return logits.reshape(-1, logits.shape[-1])[pick]

@@ -3,6 +3,7 @@
     model = Transformer(ModelConfig.preset("tiny"))
     logits = model(ids)                                   # (B, T) -> (B, T, vocab_size)
     logits = model(ids, positions=pos, cache=kv)          # incremental decoding, see cache.py
+    logits = model(ids, logits_indices=idx)               # (N,) flat b*T+t -> (N, vocab_size)
     model.introspect(ids)["attentions"][layer]            # (B, H, T, T) attention weights
 
 Every family difference is a config field (config.py). Init follows GPT-2: weights
@@ -51,6 +52,15 @@ class Block(nn.Module):
         return self.mlp_norm(x + self.drop(self.mlp(x)))
 
 
+def _check_logits_indices(idx: Tensor, n_positions: int) -> None:
+    if idx.dim() != 1 or idx.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"logits_indices must be a 1-D integer tensor of flat indices b * T + t, got "
+                         f"{tuple(idx.shape)} of {idx.dtype}")
+    if not torch.compiler.is_compiling() and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_positions):
+        raise ValueError(f"logits_indices must lie in [0, B*T={n_positions}); got values from {int(idx.min())} "
+                         f"to {int(idx.max())}")
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -81,16 +91,27 @@ class Transformer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------
     def forward(self, ids: Tensor, positions: Tensor | None = None, cache=None,
-                prefix_lens: Tensor | None = None) -> Tensor:
+                prefix_lens: Tensor | None = None, logits_indices: Tensor | None = None) -> Tensor:
         """ids (B, T) long -> logits (B, T, vocab_size).
 
         positions (B, T) long: absolute position of each token, -1 = padding (default
         0..T-1 for every row). cache: an object with the KV-cache protocol (cache.py).
         prefix_lens (B,) long: with mask="prefix", how many leading positions of each row
-        attend bidirectionally (None = 0, plain causal)."""
-        x, ctx = self._embed(ids, positions, cache, prefix_lens)
+        attend bidirectionally (None = 0, plain causal).
+        logits_indices (N,) long: flat indices b * T + t into the B*T positions; the final
+        norm and LM head then run only there and the result is (N, vocab_size), row i being
+        the logits of position logits_indices[i] (the same rows as the full forward's
+        logits.reshape(B * T, -1)[logits_indices]). An inference engine wants logits at a
+        few positions of a long prefill, and with a large vocabulary the head over every
+        position can cost more than all the blocks."""
+        x, ctx = self._embed(ids, positions, cache, prefix_lens)              # checks ids first
+        B, T, C = x.shape
+        if logits_indices is not None:  # before the blocks run: fail before the work
+            _check_logits_indices(logits_indices, B * T)
         for block in self.blocks:
             x = block(x, ctx)
+        if logits_indices is not None:
+            x = x.reshape(B * T, C).index_select(0, logits_indices)               # (N, C)
         return self.lm_head(self.norm_f(x))
 
     def _embed(self, ids: Tensor, positions: Tensor | None, cache, prefix_lens: Tensor | None,

@@ -40,10 +40,10 @@ class RunOptions:
     model: str = _h("model preset (tiny, llama-tiny, mixtral-tiny, gpt2-124m)", default="tiny")
     model_config: dict = _h("ModelConfig fields overriding the preset, e.g. {n_layer: 4, n_embd: 192}",
                             default_factory=dict)
-    max_steps: int = _h("optimizer steps of pretraining", default=600)
+    max_steps: int = _h("optimizer steps of pretraining", default=750)
     batch_size: int = _h("sequences per step", default=8)
     seq_len: int = _h("tokens per sequence (256 holds a whole reading-comprehension probe)", default=256)
-    lr: float = _h("peak learning rate", default=3e-3)
+    lr: float = _h("peak learning rate", default=5e-3)
     train_config: dict = _h("further TrainConfig fields, e.g. {warmup_steps: 50, eval_every: 100}",
                             default_factory=lambda: {"warmup_steps": 30, "eval_every": 100, "ckpt_every": 0})
     # evaluation and samples

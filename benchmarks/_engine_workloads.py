@@ -1,0 +1,130 @@
+"""Trained models and prompts for the speculative-decoding benchmark (bench_engine.py, #5).
+
+Speculation only pays when the draft guesses the target's tokens, which random weights
+never do honestly. So this module trains, briefly and once, two models on the same
+structured text with the same tokenizer, through lmstack's public API:
+
+  * the corpus: tinyworld documents (templated stories, facts, Q/A) plus "copy" documents
+    `Text: <doc>\\nCopy: <doc>` rendered from them, so the target learns to quote its prompt
+    (the classic prompt-lookup setting);
+  * the target: `n_layer` layers; the draft: one layer of the same width; both trained for
+    the same number of steps on the same batches (same seed);
+  * everything cached under ~/.cache/lmstack/bench/<key> (key = hash of the settings), so a
+    re-run only loads the models.
+
+Workloads (held-out test documents, never trained on):
+  * story continuation (draft model): the first sentence of a test story; the model writes on;
+  * copy (n-gram prompt lookup): `Text: <test doc>\\nCopy:`; the answer quotes the prompt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+from lmstack.utils import atomic_write_json
+
+VERSION = 1
+SETTINGS = dict(version=VERSION, corpus_mb=1.0, copy_frac=0.35, vocab_size=1024, n_embd=128, n_head=4,
+                target_layers=8, draft_layers=1, context_length=512, steps=150, batch_size=4, seq_len=256,
+                lr=3e-3, seed=0)
+
+
+def cache_root(settings: dict) -> Path:
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "lmstack" / "bench" / f"engine-spec-{key}"
+
+
+def copy_doc(text: str, answer: bool = True) -> str:
+    return f"Text: {text}\nCopy:" + (f" {text}" if answer else "")
+
+
+def build_data(root: Path, s: dict, log=print) -> Path:
+    """tinyworld + copy documents, a BPE tokenizer trained on them, token shards."""
+    from lmstack.data import CorpusOptions, build_corpus, iter_texts, write_shards
+    from lmstack.tokenizer import Tokenizer
+    data = root / "data"
+    if (data / "shards" / "meta.json").is_file() and (data / "tokenizer.json").is_file():
+        return data
+    t = time.perf_counter()
+    build_corpus(CorpusOptions(corpus="tinyworld", out=str(data), size_mb=s["corpus_mb"], seed=s["seed"]))
+    rng = random.Random(s["seed"])
+    for split in ("train", "val"):
+        path = data / "docs" / f"{split}.jsonl"
+        docs = list(iter_texts(data, split))
+        stories = [d for d in docs if "\n" not in d and len(d) >= 80]
+        copies = [copy_doc(d) for d in rng.sample(stories, int(len(stories) * s["copy_frac"]))]
+        mixed = docs + copies
+        rng.shuffle(mixed)
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in mixed), encoding="utf-8")
+    tok = Tokenizer.train(iter_texts(data, "train"), vocab_size=s["vocab_size"], show_progress=False)
+    tok.save(data / "tokenizer.json")
+    write_shards(data, tok)
+    log(f"  built corpus + tokenizer + shards in {time.perf_counter() - t:.0f}s ({data})")
+    return data
+
+
+def train_one(data: Path, out: Path, n_layer: int, s: dict, log=print) -> dict:
+    from lmstack.model import ModelConfig
+    from lmstack.train import TrainConfig, Trainer
+    done = out / "bench_done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    mcfg = ModelConfig.preset("tiny", vocab_size=s["vocab_size"]).replace(
+        n_layer=n_layer, n_embd=s["n_embd"], n_head=s["n_head"], n_kv_head=s["n_head"],
+        context_length=s["context_length"])
+    cfg = TrainConfig(data=str(data), out=str(out), max_steps=s["steps"], batch_size=s["batch_size"],
+                      seq_len=s["seq_len"], lr=s["lr"], seed=s["seed"], device="cpu", eval_every=0,
+                      ckpt_every=0, keep_last=1, tensorboard=False, log_every=10)
+    t = time.perf_counter()
+    summary = Trainer(cfg, model_config=mcfg).fit()
+    info = {"n_layer": n_layer, "train_seconds": time.perf_counter() - t,
+            "final_loss": _last_loss(out), "summary_keys": sorted(summary) if isinstance(summary, dict) else None}
+    atomic_write_json(done, info)
+    log(f"  trained {n_layer}-layer model in {info['train_seconds']:.0f}s, final train loss {info['final_loss']}")
+    return info
+
+
+def _last_loss(out: Path):
+    loss = None
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("split") == "train" and "loss" in rec:
+            loss = round(float(rec["loss"]), 3)
+    return loss
+
+
+def spec_models(settings: dict | None = None, log=print) -> dict:
+    """Train (or load from the cache) the target and draft; returns their dirs and training info."""
+    s = dict(SETTINGS if settings is None else settings)
+    root = cache_root(s)
+    root.mkdir(parents=True, exist_ok=True)
+    data = build_data(root, s, log)
+    target = train_one(data, root / "target", s["target_layers"], s, log)
+    draft = train_one(data, root / "draft", s["draft_layers"], s, log)
+    return {"root": root, "data": data, "target": root / "target", "draft": root / "draft",
+            "target_info": target, "draft_info": draft}
+
+
+def test_docs(data: Path, tokenizer, min_tokens: int, n: int) -> list[str]:
+    """Held-out tinyworld stories (one paragraph) of at least `min_tokens` tokens."""
+    from lmstack.data import iter_texts
+    out = []
+    for d in iter_texts(data, "test"):
+        if "\n" not in d and not d.startswith("Text:") and len(tokenizer.encode_ordinary(d)) >= min_tokens:
+            out.append(d)
+            if len(out) == n:
+                break
+    return out
+
+
+def story_prompts(data: Path, tokenizer, n: int) -> list[str]:
+    """First sentence of held-out stories: the model continues in the corpus's structure."""
+    return [d.split(". ")[0] + "." for d in test_docs(data, tokenizer, 40, n)]
+
+
+def copy_prompts(data: Path, tokenizer, n: int, min_tokens: int) -> list[str]:
+    """`Text: <held-out story>\\nCopy:`: the answer quotes the prompt."""
+    return [copy_doc(d, answer=False) for d in test_docs(data, tokenizer, min_tokens, n)]
