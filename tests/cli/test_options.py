@@ -67,3 +67,15 @@ def test_bare_boolean_flag_means_true():
     add_options(p, Opts)
     assert build_options(Opts, p.parse_args(["--compile"])).compile is True
     assert build_options(Opts, p.parse_args(["--compile", "false"])).compile is False
+
+
+def test_output_closed_early_is_not_a_traceback(tmp_path):
+    # `lmstack ... | head`: the reader goes away; the command must exit quietly.
+    import subprocess
+    import sys
+    big = tmp_path / "big.txt"
+    big.write_text("hello world, " * 20000)
+    cmd = f"{sys.executable} -m lmstack.cli.main tokenizer viz --file {big} | head -c 10"
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr
