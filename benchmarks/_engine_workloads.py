@@ -5,12 +5,12 @@ never do honestly. So this module trains, briefly and once, two models on the sa
 structured text with the same tokenizer, through lmstack's public API:
 
   * the corpus: tinyworld documents (templated stories, facts, Q/A) plus "copy" documents
-    `Text: <doc>\\nCopy: <doc>` rendered from them, so the target learns to quote its prompt
-    (the classic prompt-lookup setting);
+    `Text: <t>\\nCopy: <t>`, t a fresh random draw of 3-6 of their sentences, so the target
+    learns to quote its prompt (the classic prompt-lookup setting) rather than memorise;
   * the target: `n_layer` layers; the draft: one layer of the same width; both trained for
     the same number of steps on the same batches (same seed);
-  * everything cached under ~/.cache/lmstack/bench/<key> (key = hash of the settings), so a
-    re-run only loads the models.
+  * everything cached under ~/.cache/lmstack/bench/ (models keyed by a hash of all the
+    settings, the corpus by a hash of the settings it depends on), so a re-run only loads them.
 
 Workloads (held-out test documents, never trained on):
   * story continuation (draft model): the first sentence of a test story; the model writes on;
@@ -26,26 +26,37 @@ from pathlib import Path
 
 from lmstack.utils import atomic_write_json
 
-VERSION = 1
-SETTINGS = dict(version=VERSION, corpus_mb=1.0, copy_frac=0.35, vocab_size=1024, n_embd=128, n_head=4,
-                target_layers=8, draft_layers=1, context_length=512, steps=150, batch_size=4, seq_len=256,
+VERSION = 3
+# 800 steps x 8 x 256 tokens: about 7 minutes for both models on 2 idle cores (the target runs
+# ~4k tok/s), long enough for the 8-layer target to learn to quote its prompt (induction).
+SETTINGS = dict(version=VERSION, corpus_mb=1.0, copy_frac=0.5, vocab_size=1024, n_embd=128, n_head=4,
+                target_layers=8, draft_layers=1, context_length=512, steps=800, batch_size=8, seq_len=256,
                 lr=3e-3, seed=0)
+DATA_KEYS = ("version", "corpus_mb", "copy_frac", "vocab_size", "seed")   # what the corpus depends on
+
+
+def _key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cache_root(settings: dict) -> Path:
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "lmstack" / "bench" / f"engine-spec-{key}"
+    return Path.home() / ".cache" / "lmstack" / "bench" / f"engine-spec-{_key(settings)}"
+
+
+def data_root(settings: dict) -> Path:
+    """The corpus is shared by every model setting built on it (e.g. other --spec-train-steps)."""
+    key = _key({k: settings[k] for k in DATA_KEYS})
+    return Path.home() / ".cache" / "lmstack" / "bench" / f"engine-spec-data-{key}"
 
 
 def copy_doc(text: str, answer: bool = True) -> str:
     return f"Text: {text}\nCopy:" + (f" {text}" if answer else "")
 
 
-def build_data(root: Path, s: dict, log=print) -> Path:
+def build_data(data: Path, s: dict, log=print) -> Path:
     """tinyworld + copy documents, a BPE tokenizer trained on them, token shards."""
     from lmstack.data import CorpusOptions, build_corpus, iter_texts, write_shards
     from lmstack.tokenizer import Tokenizer
-    data = root / "data"
     if (data / "shards" / "meta.json").is_file() and (data / "tokenizer.json").is_file():
         return data
     t = time.perf_counter()
@@ -54,8 +65,11 @@ def build_data(root: Path, s: dict, log=print) -> Path:
     for split in ("train", "val"):
         path = data / "docs" / f"{split}.jsonl"
         docs = list(iter_texts(data, split))
-        stories = [d for d in docs if "\n" not in d and len(d) >= 80]
-        copies = [copy_doc(d) for d in rng.sample(stories, int(len(stories) * s["copy_frac"]))]
+        # Copy documents quote NEW text each time (3-6 sentences drawn at random from the split's
+        # one-paragraph docs), so the only way to predict the quote is to copy it from the context.
+        sentences = [x.rstrip(".") + "." for d in docs if "\n" not in d for x in d.split(". ") if x]
+        copies = [copy_doc(" ".join(rng.sample(sentences, rng.randint(3, 6))))
+                  for _ in range(int(len(docs) * s["copy_frac"]))]
         mixed = docs + copies
         rng.shuffle(mixed)
         path.write_text("".join(json.dumps({"text": d}) + "\n" for d in mixed), encoding="utf-8")
@@ -101,7 +115,7 @@ def spec_models(settings: dict | None = None, log=print) -> dict:
     s = dict(SETTINGS if settings is None else settings)
     root = cache_root(s)
     root.mkdir(parents=True, exist_ok=True)
-    data = build_data(root, s, log)
+    data = build_data(data_root(s), s, log)
     target = train_one(data, root / "target", s["target_layers"], s, log)
     draft = train_one(data, root / "draft", s["draft_layers"], s, log)
     return {"root": root, "data": data, "target": root / "target", "draft": root / "draft",
@@ -128,3 +142,14 @@ def story_prompts(data: Path, tokenizer, n: int) -> list[str]:
 def copy_prompts(data: Path, tokenizer, n: int, min_tokens: int) -> list[str]:
     """`Text: <held-out story>\\nCopy:`: the answer quotes the prompt."""
     return [copy_doc(d, answer=False) for d in test_docs(data, tokenizer, min_tokens, n)]
+
+
+def copy_fidelity(prompt: str, output_ids: list[int], tokenizer) -> float:
+    """Fraction of the quoted text the model reproduced before its first wrong token:
+    the check that the target learned to copy (else prompt lookup has nothing to find)."""
+    quoted = prompt[len("Text: "):-len("\nCopy:")]
+    want = tokenizer.encode_ordinary(" " + quoted)
+    n = 0
+    while n < min(len(want), len(output_ids)) and want[n] == output_ids[n]:
+        n += 1
+    return n / len(want)

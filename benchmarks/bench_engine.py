@@ -208,6 +208,11 @@ def bench_speculative(args):
                 counts[name][1] += a1 - a0
         med = {name: statistics.median(t) for name, t in times.items()}
         print(f"  {wname} sample: {prompts[0][-60:]!r} -> {tok.decode(outs['plain'][0])[:120]!r}", flush=True)
+        fidelity = ""
+        if wname == "copy":
+            fid = [work.copy_fidelity(p, o, tok) for p, o in zip(prompts, outs["plain"])]
+            fidelity = f"; target quotes {statistics.mean(fid):.0%} of the text before its first wrong token"
+            print(f"  copy fidelity per prompt: {', '.join(f'{f:.0%}' for f in fid)}", flush=True)
         for name in ("draft", "ngram"):
             same = outs[name] == outs["plain"]
             if not same:
@@ -218,7 +223,7 @@ def bench_speculative(args):
             rows.append((name, wname, med["plain"] / med[name], same,
                          f"{wname} workload: {len(prompts)} requests one at a time x {max_tokens} tokens, k={k}; "
                          f"acceptance {acc:.0%} ({accepted}/{proposed}); {n_tok / med[name]:.0f} vs "
-                         f"{n_tok / med['plain']:.0f} tok/s; identical greedy output: {same}"))
+                         f"{n_tok / med['plain']:.0f} tok/s; identical greedy output: {same}{fidelity}"))
     info = (f"target {m['target_info']['n_layer']} layers (train loss {m['target_info']['final_loss']}, "
             f"{m['target_info']['train_seconds']:.0f}s), draft {m['draft_info']['n_layer']} layer (train loss "
             f"{m['draft_info']['final_loss']}, {m['draft_info']['train_seconds']:.0f}s); cache {m['root']}")
