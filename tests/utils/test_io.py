@@ -49,3 +49,15 @@ def test_unwritable_parent_is_clear_error(tmp_path):
         pytest.skip("root ignores directory permissions")
     with pytest.raises(LmstackError, match="not writable"):
         atomic_write_text(ro / "x", "y")
+
+
+def test_ensure_writable_dir_creates_and_rejects_a_file(tmp_path):
+    from lmstack.utils import ensure_writable_dir
+    d = ensure_writable_dir(tmp_path / "a" / "b", "choose another --out")
+    assert d.is_dir() and list(d.iterdir()) == []  # the scratch file is gone
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(LmstackError, match="is a file.*choose another --out"):
+        ensure_writable_dir(f, "choose another --out")
+    with pytest.raises(LmstackError, match="not writable.*choose another --out"):
+        ensure_writable_dir(f / "sub", "choose another --out")  # parent is a file

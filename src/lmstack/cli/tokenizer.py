@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmstack.cli.options import Parser, add_options, build_options
 from lmstack.tokenizer import DEFAULT_SPECIAL_TOKENS, PATTERNS, Tokenizer
 from lmstack.tokenizer.base import resolve_pattern
+from lmstack.utils import ensure_writable_dir
 from lmstack.utils.errors import LmstackError
 
 
@@ -44,13 +44,7 @@ class TokenizerTrainOptions:
 def _check_writable(path: Path) -> None:
     """Fail before training, not after, when the output cannot be written: create the
     folder and a scratch file in it now."""
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise LmstackError(f"cannot write {path}: {e.strerror or e}; choose another output path") from None
+    ensure_writable_dir(path.parent, "choose another output path")
     if path.is_dir():
         raise LmstackError(f"cannot write {path}: it is a folder; choose a file path")
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from lmstack.pipeline.options import RunOptions, check_nested
-from lmstack.utils import LmstackError, atomic_write_json, atomic_write_text
+from lmstack.utils import LmstackError, atomic_write_json, atomic_write_text, ensure_writable_dir
 
 # Bump when a stage's outputs change meaning, so old caches are not reused.
 CACHE_VERSION = 1
@@ -80,18 +80,6 @@ def stage_keys(stages: list[Stage], opts: RunOptions) -> dict[str, str]:
     return keys
 
 
-def _check_writable(run_dir: Path) -> None:
-    """Create the run dir and write a probe file: os.access alone says yes to root on a read-only fs."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise LmstackError(f"run directory {run_dir} is not writable ({e.strerror}); "
-                           f"choose a writable --out-dir") from None
-
-
 def _load_record(path: Path, key: str) -> StageRecord | None:
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
@@ -110,7 +98,7 @@ def run_stages(stages: list[Stage], opts: RunOptions, force: bool = False,
     run = Run(opts, log)
     keys = stage_keys(stages, opts)
     selected = set(opts.stages)
-    _check_writable(run.dir)
+    ensure_writable_dir(run.dir, "choose a writable --out-dir")
     (run.dir / "stages").mkdir(exist_ok=True)
 
     # Unselected stages must already be done (same key), or nothing downstream can use them.

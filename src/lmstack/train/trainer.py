@@ -33,7 +33,7 @@ from lmstack.train.config import TrainConfig
 from lmstack.train.metrics import MetricsLog, peak_flops
 from lmstack.train.objectives import Objective, build_objective
 from lmstack.train.optim import build_optimizer, lr_multiplier, set_lr
-from lmstack.utils import LmstackError, atomic_write_json, autocast, progress, seed_everything
+from lmstack.utils import LmstackError, atomic_write_json, autocast, ensure_writable_dir, progress, seed_everything
 
 
 class NonFiniteLossError(LmstackError):
@@ -66,15 +66,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup: every check before step 1
     def _check_out_dir(self) -> None:
-        if self.out.exists() and not self.out.is_dir():
-            raise LmstackError(f"--out {self.out} is a file; choose a directory")
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write_test"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as e:
-            raise LmstackError(f"output dir {self.out} is not writable ({e.strerror}); choose another --out") from None
+        ensure_writable_dir(self.out, "choose another --out")
 
     def _check_disk(self, n_params: int) -> None:
         # A checkpoint holds fp32 weights + two AdamW moments; keep_last of them + one being
@@ -92,7 +84,11 @@ class Trainer:
         self.data_dir = Path(cfg.data) if cfg.data else None
         self.tokenizer_path = self.data_dir / "tokenizer.json" if self.data_dir else None
         n_vocab, specials = None, {}
-        self.tokenizer_id = file_sha256(self.tokenizer_path) if self.tokenizer_path else None
+        # Tokenizer identity for resume checks: the shards' fingerprint when we open them
+        # below; with samplers passed in, a hash of the data dir's tokenizer.json.
+        self.tokenizer_id = None
+        if self.sampler is not None and self.tokenizer_path is not None:
+            self.tokenizer_id = file_sha256(self.tokenizer_path)
         if self.sampler is None:
             if self.data_dir is None:
                 raise LmstackError("no training data: pass --data DIR (a dir built by `lmstack data`)")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 
 from lmstack.utils.errors import LmstackError
-from lmstack.utils.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from lmstack.utils.io import (atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                              ensure_writable_dir)
 # Eager: the submodule `lmstack.utils.progress` would otherwise shadow the function.
 from lmstack.utils.progress import progress
 
@@ -25,4 +26,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["LmstackError", "atomic_dir", "atomic_write_bytes", "atomic_write_json",
-           "atomic_write_text", "progress", *_LAZY]
+           "atomic_write_text", "ensure_writable_dir", "progress", *_LAZY]

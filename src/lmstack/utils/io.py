@@ -27,6 +27,24 @@ def _check_parent(path: Path) -> None:
         raise LmstackError(f"directory {parent} is not writable; choose a writable path")
 
 
+def ensure_writable_dir(path: str | os.PathLike, fix: str) -> Path:
+    """Create directory `path` and prove it writable by writing a scratch file in it.
+
+    Called once before long work starts (training, a pipeline run) so a bad output path
+    fails at the door. `os.access` is not enough there: it says yes to root and on some
+    read-only mounts. `fix` ends the error message (e.g. "choose another --out")."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LmstackError(f"cannot write to {path}: it is a file, not a directory; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise LmstackError(f"cannot write to {path}: directory is not writable ({e.strerror or e}); {fix}") from None
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     _check_parent(path)
