@@ -91,3 +91,43 @@ def test_bad_speculative_config(target):
         LLM(target, speculative={"method": "ngram", "k": 3})
     with pytest.raises(LmstackError, match="vocab_size"):
         LLM(target, speculative={"method": "draft", "model": tiny_model(0, vocab_size=50)})
+
+
+def test_adaptive_backs_off_a_draft_that_misses(target):
+    """A draft that never matches: the adaptive speculator stops proposing after two misses
+    (backing off to a probe every few steps), the fixed one pays for k drafts every step;
+    the output is the same either way."""
+    prompts = _prompts()[:4]
+    sp = SamplingParams(max_tokens=40, **GREEDY)
+    base = LLM(target, block_size=4, kv_cache_tokens=2048).generate(prompts, sp)
+    stats = {}
+    for adaptive in (True, False):
+        spec = {"method": "draft", "model": _draft(target, good=False), "num_speculative_tokens": 4,
+                "adaptive": adaptive}
+        llm = LLM(target, block_size=4, kv_cache_tokens=2048, speculative=spec)
+        outs = llm.generate(prompts, sp)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in base]
+        stats[adaptive] = llm.stats()
+        llm.engine.block_manager.check_no_leaks()
+    on, off = stats[True], stats[False]
+    assert off["spec_paused_steps"] == 0 and on["spec_paused_steps"] > 0
+    if off["spec_acceptance_rate"] < 0.2:        # the random draft really is bad
+        assert on["spec_proposed_tokens"] < off["spec_proposed_tokens"] / 3
+
+
+def test_adaptive_keeps_looking_ahead_when_drafts_land(target):
+    """The target as its own draft: every draft is accepted, so lookahead stays at k."""
+    prompts = _prompts()[:3]
+    spec = {"method": "draft", "model": target, "num_speculative_tokens": 3}
+    llm = LLM(target, block_size=4, kv_cache_tokens=2048, speculative=spec)
+    llm.generate(prompts, SamplingParams(max_tokens=33, **GREEDY))
+    st = llm.stats()
+    assert st["spec_acceptance_rate"] == 1.0 and st["spec_paused_steps"] == 0
+    assert st["spec_proposed_tokens"] == 3 * st["spec_verify_steps"]
+
+
+def test_adaptive_must_be_bool(target):
+    with pytest.raises(LmstackError, match="adaptive"):
+        LLM(target, speculative={"method": "ngram", "adaptive": "yes"})
+    assert LLM(target, speculative={"method": "ngram"}).stats()["spec_adaptive"] is False
+    assert LLM(target, speculative={"method": "draft", "model": target}).stats()["spec_adaptive"] is True

@@ -2,7 +2,8 @@
 
     LLM(target, speculative={"method": "ngram", "num_speculative_tokens": 4,
                              "prompt_lookup_max": 4, "prompt_lookup_min": 1})
-    LLM(target, speculative={"method": "draft", "model": path_or_Transformer, "num_speculative_tokens": 4})
+    LLM(target, speculative={"method": "draft", "model": path_or_Transformer, "num_speculative_tokens": 4,
+                             "adaptive": True})
 
 How it plugs into the step (engine.py):
   1. `prepare(decoding seqs)` before scheduling. n-gram: propose now (prompt lookup, S's
@@ -22,6 +23,19 @@ block tables, same copy-on-write), so it needs no bookkeeping of its own beyond
 do not carry draft K/V, so a sequence's first speculation prefills the draft from 0
 (rewriting shared blocks with the same values: harmless).
 
+Adaptive draft length (`"adaptive"`, default on for a draft model, off for n-gram): a draft
+model that keeps missing costs a draft forward per guess and a wider verify every step for
+nothing. So each sequence tracks how far to look ahead, close to the heuristic of
+`transformers`' assisted generation, plus a back-off: all drafts accepted -> one more next
+time (up to num_speculative_tokens); some rejected -> one fewer (at least 1); none accepted
+twice in a row -> no speculation for 4, then 8, 16, 32 steps before probing again with one
+draft; any acceptance ends the back-off. The choice depends only on earlier steps, so
+greedy output stays identical and rejection sampling stays exact. Measured side by side
+(bench_engine's models, k=6, 2 CPU threads): a draft that guesses 6% of copy prompts runs
+at 0.96x with adaptation and 0.57x without; on stories, where it guesses 95%, 2.88x vs
+2.89x. n-gram guesses cost nothing to make and little to verify, so shrinking them only
+loses tokens (stories 1.72x adaptive vs 2.21x fixed): off by default there.
+
 Restrictions (documented, by design): only decoding sequences speculate (a sequence
 still prefilling does not); requests asking for logprobs do not speculate (drafts carry no
 logprobs); drafts are dropped for a step whose token budget cannot fit them all.
@@ -38,7 +52,8 @@ from lmstack.infer.sampler import random_sample, sampling_probs
 from lmstack.infer.sequence import Sequence
 from lmstack.utils import LmstackError
 
-_KEYS = {"method", "num_speculative_tokens", "model", "prompt_lookup_max", "prompt_lookup_min"}
+_KEYS = {"method", "num_speculative_tokens", "model", "prompt_lookup_max", "prompt_lookup_min", "adaptive"}
+MAX_PAUSE = 32     # longest back-off, in steps, of an adaptive speculator whose drafts keep missing
 
 
 def make_speculator(spec: dict, engine) -> "Speculator":
@@ -51,11 +66,17 @@ def make_speculator(spec: dict, engine) -> "Speculator":
     k = spec.get("num_speculative_tokens", 4)
     if not isinstance(k, int) or k < 1:
         raise LmstackError(f"speculative num_speculative_tokens={k!r} must be an int >= 1")
+    adaptive = spec.get("adaptive", spec["method"] == "draft")
+    if not isinstance(adaptive, bool):
+        raise LmstackError(f"speculative adaptive={adaptive!r} must be true or false")
     if spec["method"] == "ngram":
-        return NgramSpeculator(engine, k, spec.get("prompt_lookup_max", 4), spec.get("prompt_lookup_min", 1))
-    if "model" not in spec:
+        spec_ = NgramSpeculator(engine, k, spec.get("prompt_lookup_max", 4), spec.get("prompt_lookup_min", 1))
+    elif "model" not in spec:
         raise LmstackError("speculative method 'draft' needs 'model': a run dir, HF folder or Transformer")
-    return DraftSpeculator(engine, k, spec["model"])
+    else:
+        spec_ = DraftSpeculator(engine, k, spec["model"])
+    spec_.adaptive = adaptive
+    return spec_
 
 
 class Speculator:
@@ -64,23 +85,45 @@ class Speculator:
     def __init__(self, engine, k: int):
         self.engine = engine
         self.k = k
-        self.proposed = self.accepted = self.steps = 0
+        self.adaptive = True
+        self.proposed = self.accepted = self.steps = self.paused_steps = 0
+        self._look: dict[int, list[int]] = {}     # seq_id -> [lookahead, consecutive misses, pause left]
 
     def _budget(self, seq: Sequence) -> int:
-        """Drafts worth proposing: verifying k drafts yields up to k + 1 tokens."""
+        """Drafts worth proposing: verifying k drafts yields up to k + 1 tokens. Counts down a
+        back-off pause (called once per step for every decoding sequence)."""
         p = seq.sampling_params
         if p.logprobs is not None:
             return 0
+        k = self.k
+        if self.adaptive:
+            look = self._look.setdefault(seq.seq_id, [self.k, 0, 0])
+            if look[2] > 0:
+                look[2] -= 1
+                self.paused_steps += 1
+                return 0
+            k = look[0]
         left = (p.max_tokens if p.max_tokens is not None else 1 << 30) - seq.num_output_tokens
-        return max(0, min(self.k, left - 1, self.engine.max_model_len - len(seq) - 1))
+        return max(0, min(k, left - 1, self.engine.max_model_len - len(seq) - 1))
+
+    def _adapt(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        look = self._look.get(seq.seq_id)
+        if not self.adaptive or look is None or proposed == 0:
+            return
+        if accepted == proposed:
+            look[0], look[1] = min(self.k, look[0] + 1), 0
+        elif accepted > 0:
+            look[0], look[1] = max(1, look[0] - 1), 0
+        else:
+            look[0], look[1] = 1, look[1] + 1
+            if look[1] >= 2:          # 2 misses in a row: pause 4, then 8, 16, 32 steps
+                look[2] = min(MAX_PAUSE, 2 ** look[1])
 
     def prepare(self, seqs: list[Sequence]) -> None: ...
 
     def propose(self, scheduled) -> None: ...
 
     def copy_blocks(self, copies) -> None: ...
-
-    def release(self, seq: Sequence) -> None: ...
 
     def draft_probs(self, seq: Sequence):
         return None
@@ -98,10 +141,15 @@ class Speculator:
         self.proposed += k
         self.accepted += n
         self.steps += 1
+        self._adapt(seq, k, n)
         return tokens, n
 
+    def release(self, seq: Sequence) -> None:
+        self._look.pop(seq.seq_id, None)
+
     def stats(self) -> dict:
-        return {"spec_method": self.method, "spec_proposed_tokens": self.proposed,
+        return {"spec_method": self.method, "spec_adaptive": self.adaptive, "spec_paused_steps": self.paused_steps,
+                "spec_proposed_tokens": self.proposed,
                 "spec_accepted_tokens": self.accepted, "spec_verify_steps": self.steps,
                 "spec_acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0,
                 "spec_mean_accepted_per_step": self.accepted / self.steps if self.steps else 0.0}
@@ -194,4 +242,5 @@ class DraftSpeculator(Speculator):
         return tokens, n
 
     def release(self, seq: Sequence) -> None:
+        super().release(seq)
         self._q.pop(seq.seq_id, None)
