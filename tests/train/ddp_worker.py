@@ -3,6 +3,10 @@
     torchrun --standalone --nproc-per-node 2 ddp_worker.py OUT
       1. one DDP forward/backward with per-rank batch 2 of OUT/batch.pt -> OUT/grads_rank{r}.safetensors
       2. 4 steps of DDP training into OUT/ddp (checkpoints at steps 2 and 4)
+    torchrun --standalone --nproc-per-node 2 ddp_worker.py OUT fsdp
+      the same 4 steps under FSDP (FSDP2 fully_shard) into OUT/fsdp. A launch of its own: one
+      process is one training job under torchrun, and a second process group initialised in
+      the same processes after the first one's teardown hung now and then.
 """
 import os
 import sys
@@ -17,6 +21,11 @@ from lmstack.train import Trainer  # noqa: E402
 
 out = Path(sys.argv[1])
 torch.set_num_threads(1)
+if sys.argv[2:] == ["fsdp"]:
+    cfg = toy_config(out / "fsdp", max_steps=4, ckpt_every=2, batch_size=2, distributed="fsdp")
+    Trainer(cfg, tiny_model_config(), train_sampler=ToySampler(2, cfg.seq_len, seed=int(os.environ["RANK"])),
+            val_sampler=ToySampler(2, cfg.seq_len, seed=99)).fit()
+    sys.exit(0)
 from safetensors.torch import save_file
 x = torch.load(out / "batch.pt", weights_only=True)           # (4, T): the single-process batch
 rank = int(os.environ["RANK"])

@@ -1,5 +1,6 @@
-"""DDP on 2 CPU processes (gloo, launched by torchrun): gradients equal the single-process
-gradients of the combined batch, and a DDP checkpoint resumes on one process."""
+"""DDP and FSDP on 2 CPU processes (gloo, launched by torchrun): DDP gradients equal the
+single-process gradients of the combined batch, a DDP checkpoint resumes on one process,
+and FSDP (sharded parameters and optimizer state) trains to the same weights as DDP."""
 import os
 import subprocess
 import sys
@@ -18,14 +19,15 @@ WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    """One torchrun launch of 2 gloo processes does both jobs of ddp_worker.py."""
+    """Two torchrun launches of 2 gloo processes: ddp_worker.py's DDP jobs, then its FSDP job."""
     out = tmp_path_factory.mktemp("ddp")
     x = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(0))
     torch.save(x, out / "batch.pt")
     env = {**os.environ, "LMSTACK_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for extra in ([], ["fsdp"]):
+        proc = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return out, x
 
 
@@ -65,3 +67,23 @@ def test_ddp_checkpoint_resumes_on_one_process(ddp_run):
     assert all(int(s["step"]) == 4 for s in state.values())    # AdamW moments continue from step 4
     result = t._fit()
     assert result["steps"] == 6 and result["resumed_from"] == 4
+
+
+def test_fsdp_trains_like_ddp(ddp_run):
+    """Same data, same steps (with grad clipping, which under FSDP needs the global norm over
+    shards): identical losses and weights, and the sharded run saves a whole checkpoint."""
+    import json
+    out = ddp_run[0]
+    step = "checkpoints/step_0000004"
+    ddp, _, _ = ckpt.load_checkpoint(out / "ddp" / step)
+    fsdp, _, _ = ckpt.load_checkpoint(out / "fsdp" / step)
+    assert ckpt.read_meta(out / "fsdp" / step)["config"]["distributed"] == "fsdp"
+    assert sorted(ddp) == sorted(fsdp)
+    for n in ddp:
+        torch.testing.assert_close(fsdp[n], ddp[n], atol=1e-6, rtol=1e-5, msg=n)
+
+    def losses(run):
+        recs = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in recs if r.get("split") == "train"]
+    assert len(losses("fsdp")) == 4      # (the resume test may have appended steps 5-6 to ddp's)
+    assert losses("fsdp") == pytest.approx(losses("ddp")[:4], abs=1e-6)
