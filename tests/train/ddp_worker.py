@@ -1,12 +1,13 @@
-"""Run under torchrun by test_distributed.py (one launch, to save process start-ups):
+"""Run under torchrun by test_distributed.py, in two launches:
 
     torchrun --standalone --nproc-per-node 2 ddp_worker.py OUT
       1. one DDP forward/backward with per-rank batch 2 of OUT/batch.pt -> OUT/grads_rank{r}.safetensors
       2. 4 steps of DDP training into OUT/ddp (checkpoints at steps 2 and 4)
+      (the process group, created by job 1's trainer, must outlive job 2's: a trainer tears
+      down only a group it created; re-creating one after a teardown hung now and then)
     torchrun --standalone --nproc-per-node 2 ddp_worker.py OUT fsdp
-      the same 4 steps under FSDP (FSDP2 fully_shard) into OUT/fsdp. A launch of its own: one
-      process is one training job under torchrun, and a second process group initialised in
-      the same processes after the first one's teardown hung now and then.
+      the same 4 steps under FSDP (FSDP2 fully_shard) into OUT/fsdp, in a launch of its own
+      like the CLI's: the trainer creates the process group and destroys it at the end
 """
 import os
 import sys
@@ -25,6 +26,8 @@ if sys.argv[2:] == ["fsdp"]:
     cfg = toy_config(out / "fsdp", max_steps=4, ckpt_every=2, batch_size=2, distributed="fsdp")
     Trainer(cfg, tiny_model_config(), train_sampler=ToySampler(2, cfg.seq_len, seed=int(os.environ["RANK"])),
             val_sampler=ToySampler(2, cfg.seq_len, seed=99)).fit()
+    import torch.distributed as dist
+    assert not dist.is_initialized(), "the trainer left its own process group behind"
     sys.exit(0)
 from safetensors.torch import save_file
 x = torch.load(out / "batch.pt", weights_only=True)           # (4, T): the single-process batch
@@ -51,3 +54,5 @@ save_file({n: p.grad.contiguous() for n, p in t.raw_model.named_parameters()},
 cfg = toy_config(out / "ddp", max_steps=4, ckpt_every=2, batch_size=2)
 Trainer(cfg, tiny_model_config(), train_sampler=ToySampler(2, cfg.seq_len, seed=int(os.environ["RANK"])),
         val_sampler=ToySampler(2, cfg.seq_len, seed=99)).fit()
+import torch.distributed as dist  # noqa: E402
+assert dist.is_initialized(), "job 2's trainer destroyed a process group it did not create"

@@ -32,6 +32,7 @@ class DistInfo:
     local_rank: int = 0
     mode: str = "none"          # none | ddp | fsdp
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False    # we initialised the process group, so we tear it down
 
     @property
     def is_main(self) -> bool:
@@ -55,9 +56,10 @@ def init_distributed(device: str = "auto", mode: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local_rank, "ddp" if mode == "auto" else mode, dev)
+    return DistInfo(rank, world, local_rank, "ddp" if mode == "auto" else mode, dev, owns)
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
@@ -140,5 +142,8 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.world_size > 1 and dist.is_initialized():
+    """Tear down the process group if `init_distributed` created it; one the caller set up
+    (e.g. to run several jobs in one torchrun process) stays theirs. Re-creating a group in
+    the same processes right after a teardown hung now and then on gloo."""
+    if info.world_size > 1 and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
