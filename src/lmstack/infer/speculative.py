@@ -70,22 +70,19 @@ def make_speculator(spec: dict, engine) -> "Speculator":
     if not isinstance(adaptive, bool):
         raise LmstackError(f"speculative adaptive={adaptive!r} must be true or false")
     if spec["method"] == "ngram":
-        spec_ = NgramSpeculator(engine, k, spec.get("prompt_lookup_max", 4), spec.get("prompt_lookup_min", 1))
-    elif "model" not in spec:
+        return NgramSpeculator(engine, k, adaptive, spec.get("prompt_lookup_max", 4), spec.get("prompt_lookup_min", 1))
+    if "model" not in spec:
         raise LmstackError("speculative method 'draft' needs 'model': a run dir, HF folder or Transformer")
-    else:
-        spec_ = DraftSpeculator(engine, k, spec["model"])
-    spec_.adaptive = adaptive
-    return spec_
+    return DraftSpeculator(engine, k, adaptive, spec["model"])
 
 
 class Speculator:
     method = ""
 
-    def __init__(self, engine, k: int):
+    def __init__(self, engine, k: int, adaptive: bool):
         self.engine = engine
         self.k = k
-        self.adaptive = True
+        self.adaptive = adaptive
         self.proposed = self.accepted = self.steps = self.paused_steps = 0
         self._look: dict[int, list[int]] = {}     # seq_id -> [lookahead, consecutive misses, pause left]
 
@@ -158,8 +155,8 @@ class Speculator:
 class NgramSpeculator(Speculator):
     method = "ngram"
 
-    def __init__(self, engine, k: int, n_max: int, n_min: int):
-        super().__init__(engine, k)
+    def __init__(self, engine, k: int, adaptive: bool, n_max: int, n_min: int):
+        super().__init__(engine, k, adaptive)
         self.proposer = NgramProposer(n_max=n_max, n_min=n_min, num_speculative_tokens=k)
 
     def prepare(self, seqs: list[Sequence]) -> None:
@@ -171,8 +168,8 @@ class NgramSpeculator(Speculator):
 class DraftSpeculator(Speculator):
     method = "draft"
 
-    def __init__(self, engine, k: int, model):
-        super().__init__(engine, k)
+    def __init__(self, engine, k: int, adaptive: bool, model):
+        super().__init__(engine, k, adaptive)
         from lmstack.infer import loader
         dtype = next(engine.model.parameters()).dtype
         draft, _, _ = loader.load(model, None, engine.device, dtype)
