@@ -85,6 +85,12 @@ def hf_generate(model, prompts: list[list[int]], max_new: int) -> list[list[int]
     return out[:, L:].tolist()
 
 
+def throughput_llm(path: str, n: int) -> LLM:
+    """The engine as benchmark 1 (and its --ceiling and --profile runs) configures it."""
+    return LLM(path, device="cpu", dtype=torch.float32, max_num_seqs=n, max_num_batched_tokens=2048,
+               enable_prefix_caching=False)
+
+
 def engine_generate(llm: LLM, prompts, max_tokens: list[int]):
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
@@ -96,8 +102,7 @@ def bench_throughput(model, path, args, g):
     in_lens = torch.randint(lo_in, hi_in + 1, (n,), generator=g).tolist()
     out_lens = torch.randint(lo_out, hi_out + 1, (n,), generator=g).tolist()
     prompts = [torch.randint(1, VOCAB, (k,), generator=g).tolist() for k in in_lens]
-    llm = LLM(path, device="cpu", dtype=torch.float32, max_num_seqs=n, max_num_batched_tokens=2048,
-              enable_prefix_caching=False)
+    llm = throughput_llm(path, n)
     engine_generate(llm, [prompts[0][:8]], [4])                                  # warm-up
     t_engine, ours = timed(lambda: engine_generate(llm, prompts, out_lens))
     B, rates = hf_pick_batch(model, prompts, out_lens, args.hf_batches, min(n, max(args.hf_batches)))
@@ -262,8 +267,7 @@ def attention_free_time(path, workload) -> float:
     the engine would take if reading the KV cache were free."""
     import types
     _, prompts, out_lens = workload
-    llm = LLM(path, device="cpu", dtype=torch.float32, max_num_seqs=len(prompts), max_num_batched_tokens=2048,
-              enable_prefix_caching=False)
+    llm = throughput_llm(path, len(prompts))
     cache = llm.engine.cache
     real_update = type(cache).update
 
@@ -280,8 +284,7 @@ def profile_engine(path, workload):
     import cProfile
     import pstats
     _, prompts, out_lens = workload
-    llm = LLM(path, device="cpu", dtype=torch.float32, max_num_seqs=len(prompts), max_num_batched_tokens=2048,
-              enable_prefix_caching=False)
+    llm = throughput_llm(path, len(prompts))
     engine_generate(llm, [prompts[0][:8]], [4])
     prof = cProfile.Profile()
     prof.enable()

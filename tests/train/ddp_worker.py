@@ -22,10 +22,17 @@ from lmstack.train import Trainer  # noqa: E402
 
 out = Path(sys.argv[1])
 torch.set_num_threads(1)
-if sys.argv[2:] == ["fsdp"]:
-    cfg = toy_config(out / "fsdp", max_steps=4, ckpt_every=2, batch_size=2, distributed="fsdp")
+
+
+def train_4_steps(mode: str) -> None:
+    """4 steps on per-rank toy data into OUT/<mode>, checkpoints at steps 2 and 4."""
+    cfg = toy_config(out / mode, max_steps=4, ckpt_every=2, batch_size=2, distributed=mode)
     Trainer(cfg, tiny_model_config(), train_sampler=ToySampler(2, cfg.seq_len, seed=int(os.environ["RANK"])),
             val_sampler=ToySampler(2, cfg.seq_len, seed=99)).fit()
+
+
+if sys.argv[2:] == ["fsdp"]:
+    train_4_steps("fsdp")
     import torch.distributed as dist
     assert not dist.is_initialized(), "the trainer left its own process group behind"
     sys.exit(0)
@@ -51,8 +58,6 @@ loss.backward()
 save_file({n: p.grad.contiguous() for n, p in t.raw_model.named_parameters()},
           str(out / f"grads_rank{rank}.safetensors"))
 
-cfg = toy_config(out / "ddp", max_steps=4, ckpt_every=2, batch_size=2)
-Trainer(cfg, tiny_model_config(), train_sampler=ToySampler(2, cfg.seq_len, seed=int(os.environ["RANK"])),
-        val_sampler=ToySampler(2, cfg.seq_len, seed=99)).fit()
+train_4_steps("ddp")
 import torch.distributed as dist  # noqa: E402
 assert dist.is_initialized(), "job 2's trainer destroyed a process group it did not create"
