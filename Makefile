@@ -1,13 +1,16 @@
 # Two commands matter on a fresh machine: `make demo` and `make test`.
-# `make install` is idempotent: it only reinstalls when pyproject.toml changed.
+# `make install` is idempotent: it only reinstalls when pyproject.toml changed, and only
+# rebuilds the CPU kernels (src/lmstack/kernels) when their sources or the install changed.
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+KDIR    := src/lmstack/kernels
+KSTAMP  := $(KDIR)/_build/.attempted
 
-.PHONY: install demo test bench clean
+.PHONY: install kernels llamacpp demo test bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(KSTAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -16,6 +19,24 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e ".[all,dev]"
 	touch $(STAMP)
+
+# The quantized-linear CPU kernels. A machine that cannot build them (no compiler, no ninja)
+# gets one warning here and the pure-PyTorch path at run time, never a failed install; the
+# stamp records the attempt, so a failed build is retried only when the sources change.
+$(KSTAMP): $(STAMP) $(KDIR)/quant_linear.cpp $(KDIR)/build.py
+	$(VPY) -m lmstack.kernels.build
+	mkdir -p $(dir $(KSTAMP)) && touch $(KSTAMP)
+
+kernels:
+	rm -f $(KSTAMP)
+	$(MAKE) $(KSTAMP)
+
+# Optional: llama.cpp through llama-cpp-python, the reference that runs our GGUF exports
+# (tests/quant/test_export_llamacpp.py skips without it). It compiles llama.cpp from source
+# (~5 min on 2 cores); torch stays pinned so pip cannot swap the CPU build for another.
+llamacpp: install
+	echo "torch==2.13.0" > $(VENV)/torch-pin.txt
+	$(VPY) -m pip install -c $(VENV)/torch-pin.txt "llama-cpp-python>=0.3"
 
 demo: install
 	$(VENV)/bin/lmstack run
@@ -28,4 +49,4 @@ bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(KDIR)/_build

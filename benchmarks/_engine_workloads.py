@@ -147,7 +147,7 @@ def train_one(data: Path, out: Path, n_layer: int, s: dict, log=print) -> dict:
                       seq_len=s["seq_len"], lr=s["lr"], seed=s["seed"], device="cpu", eval_every=0,
                       ckpt_every=0, keep_last=1, tensorboard=False, log_every=10)
     t = time.perf_counter()
-    summary = Trainer(cfg, model_config=mcfg).fit()
+    summary = Trainer(cfg, mcfg).fit()
     info = {"n_layer": n_layer, "train_seconds": time.perf_counter() - t,
             "final_loss": _last_loss(out), "summary_keys": sorted(summary) if isinstance(summary, dict) else None}
     atomic_write_json(done, info)

@@ -44,12 +44,15 @@ class RandomBatches:
     def state_dict(self):
         return {"i": self.i}
 
+    def load_state_dict(self, sd):
+        self.i = sd["i"]
+
 
 def ours(mcfg: ModelConfig, args, out: str):
     cfg = TrainConfig(out=out, batch_size=args.batch_size, seq_len=args.seq_len, max_steps=10**6,
                       warmup_steps=0, device=args.device, dtype=args.dtype, compile=args.compile,
                       tensorboard=False, eval_every=0, ckpt_every=0)
-    t = Trainer(cfg, mcfg, train_sampler=RandomBatches(mcfg.vocab_size, args.batch_size, args.seq_len))
+    t = Trainer(cfg, mcfg, batches=RandomBatches(mcfg.vocab_size, args.batch_size, args.seq_len))
     t._setup()
     return t, lambda: t.train_step()
 

@@ -10,7 +10,7 @@ import torch
 
 from lmstack.infer.sampler import (apply_min_p, apply_penalties, apply_top_k_top_p, make_generator,
                                    random_sample, sample, sampling_probs, token_counts)
-from lmstack.infer.sampling import SamplingParams
+from lmstack.infer.sampling_params import SamplingParams
 
 P = torch.tensor([0.40, 0.30, 0.15, 0.10, 0.05])
 LOGITS = P.log()

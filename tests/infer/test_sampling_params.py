@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from lmstack.infer.sampling import SamplingParams
+from lmstack.infer.sampling_params import SamplingParams
 
 
 def test_defaults_match_vllm():

@@ -1,5 +1,6 @@
 """Our Transformer against Hugging Face transformers: random tiny HF models built from configs
-(no download), converted both ways, logits compared (max abs diff <= 1e-4, float32)."""
+(no download), converted both ways, logits compared (max abs diff <= 1e-4, float32); the name
+table against the HF models' own state_dicts and files."""
 import json
 
 import pytest
@@ -7,8 +8,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmstack.model import Transformer  # noqa: E402
-from lmstack.model.hf import export_hf, from_hf  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from lmstack.model import Transformer, linear_roles  # noqa: E402
+from lmstack.model.hf import config_from_hf, export_hf, from_hf, hf_module_name, hf_name_table  # noqa: E402
+from lmstack.model.hf_names import has_fused_experts, normalize_hf_names  # noqa: E402
+from lmstack.model.weights_io import read_header  # noqa: E402
+from lmstack.utils import LmstackError  # noqa: E402
 
 TOL = 1e-4
 V = 96  # vocab
@@ -61,6 +67,7 @@ def test_import_matches_hf_logits(case, tmp_path):
         ref = hf(ids).logits
         ours = from_hf(hf).eval()
         assert (ours(ids) - ref).abs().max().item() <= TOL
+        assert ours.num_params() == hf.num_parameters()
         # through the disk: HF save_pretrained folder, auto-detected by Transformer.from_pretrained
         hf.save_pretrained(tmp_path / "hf")
         loaded = Transformer.from_pretrained(tmp_path / "hf")
@@ -137,3 +144,81 @@ def test_export_keeps_dtype(tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert next(back.parameters()).dtype == torch.bfloat16
     assert torch.equal(back.model.embed_tokens.weight, ours.wte.weight)
+
+
+# ---- the name table against the HF models themselves ----------------------------------------
+@pytest.mark.parametrize("case", list(CASES))
+def test_name_table_is_exactly_hf_state_dict(case, tmp_path):
+    """Every HF name and shape the table gives is in the HF model's state_dict (transformers 5's
+    in-memory layout) and in the file transformers saves (per-expert layout), and nothing else."""
+    name, kw = CASES[case]
+    hf = _hf(name, **kw)
+    family = hf.config.model_type
+    cfg = config_from_hf(hf.config.to_dict())
+    in_memory = normalize_hf_names(family, {k: tuple(v.shape) for k, v in hf.state_dict().items()})
+    if cfg.tie_embeddings:
+        del in_memory["lm_head.weight"]          # the embedding itself, as in ours; files leave it out
+    hf.save_pretrained(tmp_path)
+    on_disk = normalize_hf_names(family, {k: v.shape for k, v in read_header(tmp_path / "model.safetensors").items()})
+    for shapes in (in_memory, on_disk):
+        table = hf_name_table(cfg, family, fused_experts=has_fused_experts(shapes))
+        want = {}
+        for e in table:
+            for p in e.parts:
+                want[p.name] = e.part_shape(p) if p.index is None else (cfg.n_expert, *e.part_shape(p))
+        assert want == shapes
+    assert has_fused_experts(in_memory) == (family == "mixtral") and not has_fused_experts(on_disk)
+    ours = from_hf(hf)
+    stored = [k for k in ours.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    assert [e.ours for e in table] == stored
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_module_name_for_every_linear_role(case, tmp_path):
+    """What PEFT adapter export needs: each (our linear, role) -> the HF module whose weight is
+    exactly those rows of ours (transposed for GPT-2's Conv1D)."""
+    name, kw = CASES[case]
+    hf = _hf(name, **kw)
+    hf.save_pretrained(tmp_path)
+    theirs = load_file(str(tmp_path / "model.safetensors"))
+    ours = from_hf(hf)
+    cfg, family = ours.config, hf.config.model_type
+    for module, slices in linear_roles(ours).items():
+        if module == "lm_head" and cfg.tie_embeddings:         # HF's is tied too and not in the file
+            assert hf_module_name(cfg, module, "lm_head", family) == "lm_head"
+            continue
+        weight = ours.get_submodule(module).weight
+        if family == "gpt2":       # c_attn / c_fc are single HF modules: the whole linear, transposed
+            hf_w = theirs[hf_module_name(cfg, module, None, family) + ".weight"]
+            assert torch.equal(hf_w.t() if module != "lm_head" else hf_w, weight)
+            continue
+        for role, (a, b) in slices.items():
+            assert torch.equal(theirs[hf_module_name(cfg, module, role, family) + ".weight"], weight[a:b])
+
+
+def test_hf_module_name_examples():
+    llama = config_from_hf(_hf("Llama", **_llama_kw(num_hidden_layers=4)).config.to_dict())
+    assert hf_module_name(llama, "blocks.3.attn.qkv", "q") == "model.layers.3.self_attn.q_proj"
+    assert hf_module_name(llama, "blocks.3.mlp.fc", "up") == "model.layers.3.mlp.up_proj"
+    assert hf_module_name(llama, "blocks.0.attn.proj") == "model.layers.0.self_attn.o_proj"
+    assert hf_module_name(llama, "lm_head") == "lm_head"
+    with pytest.raises(LmstackError, match=r"blocks.0.attn.qkv has no role None.*\['q', 'k', 'v'\]"):
+        hf_module_name(llama, "blocks.0.attn.qkv")
+    with pytest.raises(LmstackError, match="'blocks.9.attn.qkv' is not a module"):
+        hf_module_name(llama, "blocks.9.attn.qkv", "q")
+    gpt2 = config_from_hf(_hf("GPT2", **CASES["gpt2"][1]).config.to_dict())
+    assert hf_module_name(gpt2, "blocks.1.attn.qkv") == "transformer.h.1.attn.c_attn"
+    with pytest.raises(LmstackError, match=r"no role 'q' in Hugging Face gpt2; its roles: \['q\+k\+v'\]"):
+        hf_module_name(gpt2, "blocks.1.attn.qkv", "q")
+    mixtral = config_from_hf(_hf("Mixtral", **CASES["mixtral"][1]).config.to_dict())
+    assert hf_module_name(mixtral, "blocks.1.mlp.experts.2.fc", "up") == "model.layers.1.block_sparse_moe.experts.2.w3"
+
+
+def test_sharded_folder_from_transformers(tmp_path):
+    hf = _hf("Mixtral", **CASES["mixtral"][1])
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    ids = _ids()
+    with torch.no_grad():
+        assert (Transformer.from_pretrained(tmp_path)(ids) - hf(ids).logits).abs().max().item() <= TOL

@@ -111,3 +111,19 @@ def test_options_validation():
     with pytest.raises(LmstackError, match="plain folder name"):
         RunOptions(name="a/b")
     assert RunOptions(stages=["report", "corpus"]).stages == ["corpus", "report"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seq-len", "4096", "--model-config", "{context_length: 256}"],
+     "seq_len=4096 exceeds the context_length=256 of model 'tiny' (with model_config {'context_length': 256}); "
+     "lower --seq-len or set model_config: {context_length: 4096}"),
+    (["--seq-len", "1024"], "seq_len=1024 exceeds the context_length=512 of model 'tiny'"),   # the preset's
+    (["--vocab-size", "200"], "vocab_size=200 is too small: the tokenizer needs at least 256 byte tokens + 5 "
+                              "special tokens = 261"),
+    (["--train-config", "{save_weights: trainable}"], "save_weights='trainable': the evaluate and sample stages"),
+])
+def test_cross_field_limits_fail_before_any_file_is_written(tmp_path, capsys, flags, message):
+    from lmstack.cli.main import main
+    assert main(["run", "--out-dir", str(tmp_path / "runs"), "--name", "x", *flags]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

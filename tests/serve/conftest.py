@@ -17,13 +17,19 @@ TEXT = ("Once upon a time there was a little cat who liked to sit on a warm mat.
         "world and the world said hello back. ") * 20
 SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 CONTEXT = 256
+MAX_N = 4             # the session server's --max-n
+
+
+def train_tokenizer():
+    from lmstack.tokenizer import Tokenizer
+
+    return Tokenizer.train([TEXT], vocab_size=400, special_tokens=SPECIALS)
 
 
 def build_run_dir(path: Path, context_length: int = CONTEXT) -> Path:
     from lmstack.model import ModelConfig, Transformer
-    from lmstack.tokenizer import Tokenizer
 
-    tok = Tokenizer.train([TEXT], vocab_size=400, special_tokens=SPECIALS)
+    tok = train_tokenizer()
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", vocab_size=tok.n_vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                              context_length=context_length)
@@ -93,7 +99,7 @@ def run_dir(tmp_path_factory) -> Path:
 def server(run_dir):
     from lmstack.serve.app import create_app
 
-    app = create_app(str(run_dir), max_n=4, max_body_bytes=64 * 1024,
+    app = create_app(str(run_dir), max_n=MAX_N, max_body_bytes=64 * 1024,
                      engine_kwargs={"max_num_seqs": 64, "kv_cache_tokens": 8192})
     url, stop = start_server(app)
     yield Server(url=url, app=app, run_dir=run_dir)

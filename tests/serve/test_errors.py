@@ -2,6 +2,7 @@
 serving, the API key is enforced, and a client that leaves mid-stream frees its KV blocks."""
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -115,3 +116,101 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     assert _blocks_used(server) == 0
     assert server.state.engine.engine.block_manager.num_used_blocks == 0
     assert not server.state.engine.engine.has_unfinished_requests()
+
+
+def _one_connection(url: str, requests: list[tuple[str, bytes]]) -> list[tuple[int, dict]]:
+    """POST each (path, raw body) in turn on ONE keep-alive connection; fails if the server
+    closes it in between (http.client would otherwise reconnect silently)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=30)
+    out = []
+    try:
+        for path, body in requests:
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            if not out:
+                sock = conn.sock
+            assert conn.sock is sock, "the server closed the keep-alive connection"
+            r = conn.getresponse()
+            data = r.read()
+            assert not r.will_close, f"{path}: the server asked to close the connection"
+            out.append((r.status, httpx.Response(r.status, content=data).json()))
+    finally:
+        conn.close()
+    return out
+
+
+def test_lone_surrogate_in_model_is_a_400_and_the_connection_stays_open(server):
+    # The raw JSON escape "\ud800": a string Python can hold but UTF-8 cannot encode.
+    (status, body), (status2, ok) = _one_connection(server.url, [
+        (COMP, b'{"prompt": "hi", "max_tokens": 1, "model": "gpt-\\ud800"}'),
+        (COMP, b'{"prompt": "hi", "max_tokens": 1}')])
+    assert status == 400 and body["error"]["param"] == "model" and "surrogate" in body["error"]["message"]
+    assert status2 == 200 and ok["choices"][0]["finish_reason"] in ("stop", "length")
+    from lmstack.serve.errors import error_body               # and a message quoting one still encodes
+    assert error_body(404, "model 'a\ud800' does not exist")["error"]["message"] == "model 'a?' does not exist"
+
+
+@pytest.mark.parametrize("path,wanted", [(COMP, "the required field 'prompt'"),
+                                         (CHAT, "the required field 'messages'"),
+                                         ("/v1/internal/tokenize", "one of the fields 'prompt' or 'messages'")])
+def test_empty_body_names_what_is_expected(server, path, wanted):
+    r = httpx.post(server.url + path, content=b"", headers={"content-type": "application/json"})
+    err = assert_openai_error(r, 400)
+    assert err["message"] == f"request body is empty; expected a JSON object with {wanted} (see /openapi.json)"
+
+
+def test_tokenize_is_bounded(server):
+    cap = server.app.state.max_tokenize_tokens
+    text = "".join(chr(0x4E00 + i % 5000) for i in range(cap))        # rare CJK: >= 1 token per character
+    body = json.dumps({"prompt": text}).encode()
+    assert len(body) < 64 * 1024                                         # under the body limit: the token cap acts
+    err = assert_openai_error(httpx.post(server.url + "/v1/internal/tokenize", content=body,
+                                         headers={"content-type": "application/json"}), 400, "prompt")
+    assert err["code"] == "too_many_tokens" and f"at most {cap} tokens" in err["message"]
+    n = len(server.state.tokenizer.encode(text))
+    assert f"has {n} tokens" in err["message"]
+    ok = httpx.post(server.url + "/v1/internal/tokenize", json={"prompt": "hello world"})
+    assert ok.status_code == 200 and ok.json()["n_tokens"] == len(server.state.tokenizer.encode("hello world"))
+
+
+def test_tokenize_cap_bounds_the_response(run_dir, launch):
+    from lmstack.serve.app import create_app
+
+    url, stop = launch(create_app(str(run_dir), max_tokenize_tokens=50, engine_kwargs={"max_num_seqs": 2}))
+    try:
+        text = "Once upon a time " * 10
+        n = len(httpx.post(url + "/v1/internal/tokenize", json={"prompt": text[:60]}).json()["tokens"])
+        assert 0 < n <= 50
+        r = httpx.post(url + "/v1/internal/tokenize", json={"prompt": text * 5})
+        assert_openai_error(r, 400, "prompt")
+        assert len(r.content) < 300
+    finally:
+        stop()
+
+
+def test_unexpected_exception_is_a_counted_500_and_keeps_the_connection(server, monkeypatch):
+    from lmstack.serve import convert
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected bug")
+
+    key = 'lmstack_requests_total{endpoint="/v1/completions",status="500"}'
+    before = _scrape(server.url).get(key, 0.0)
+    monkeypatch.setattr(convert, "sampling_params", boom)
+    (status, body), = _one_connection(server.url, [(COMP, b'{"prompt": "hi", "max_tokens": 1}')])
+    monkeypatch.undo()
+    assert status == 500 and body["error"]["type"] == "server_error"
+    assert body["error"]["message"] == "internal error: RuntimeError; see the server log"
+    assert _scrape(server.url)[key] == before + 1
+    assert httpx.post(server.url + COMP, json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
+def _scrape(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out

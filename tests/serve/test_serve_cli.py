@@ -1,5 +1,6 @@
-"""`lmstack serve` end to end: start the command as a subprocess on a free port, call the
-API with the openai client, stop it; and its one-line errors for bad arguments."""
+"""`lmstack serve` end to end: start the command as a subprocess on a free port (with a
+--chat-template file), call the API with the openai client, stop it; and its one-line
+errors for bad arguments."""
 from __future__ import annotations
 
 import subprocess
@@ -10,11 +11,20 @@ import httpx
 import openai
 
 from lmstack.cli.main import main
+from lmstack.tokenizer import Tokenizer
 
 
-def test_serve_command_end_to_end(run_dir, port):
+# lmstack's own chat format written as Jinja, with a system turn of its own: proof that
+# --chat-template replaced the run directory's built-in template.
+TEMPLATE = ("<|system|>Be brief.<|end|>{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_serve_command_end_to_end(run_dir, port, tmp_path):
+    template = tmp_path / "brief.jinja"
+    template.write_text(TEMPLATE)
     cmd = [sys.executable, "-m", "lmstack.cli.main", "serve", str(run_dir), "--port", str(port),
-           "--api-key", "sk-cli", "--max-num-seqs", "8", "--log-level", "warning"]
+           "--api-key", "sk-cli", "--max-num-seqs", "8", "--log-level", "warning", "--chat-template", str(template)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -30,6 +40,13 @@ def test_serve_command_end_to_end(run_dir, port):
         r = client.chat.completions.create(model=run_dir.name, messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=4, temperature=0)
         assert r.choices[0].finish_reason in ("stop", "length")
+        tok = Tokenizer.load(run_dir / "tokenizer.json")
+        messages = [{"role": "user", "content": "hi"}]
+        want = tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + messages)
+        assert r.usage.prompt_tokens == len(want)
+        view = httpx.post(url + "/v1/internal/tokenize", json={"messages": messages},
+                          headers={"Authorization": "Bearer sk-cli"}).json()
+        assert [t["id"] for t in view["tokens"]] == want
         assert httpx.get(url + "/").text.startswith("<!doctype html>")
         assert "lmstack_requests_total" in httpx.get(url + "/metrics").text
     finally:

@@ -127,3 +127,71 @@ def test_unreachable_token_keeps_merge_semantics(tmp_path):
     text = "abc abcd xabc"
     assert im.encode(text) == HFTokenizer.from_file(str(tmp_path / "im.json")).encode(text).ids
     assert im.encode("abc") == [258] and im.encode("abcd") == [97, 256, 100]
+
+
+def _with_vocab(d, **entries):
+    return {**d, "model": {**d["model"], "vocab": {**d["model"]["vocab"], **entries}}}
+
+
+def _without_vocab(d, content):
+    return {**d, "model": {**d["model"], "vocab": {k: v for k, v in d["model"]["vocab"].items() if k != content}}}
+
+
+def _with_added_id(d, content, new_id, in_vocab=True):
+    """Move an added token to `new_id` (and its vocab entry too, as HF lists it in both)."""
+    d = _with_vocab(d, **{content: new_id}) if in_vocab else d
+    return {**d, "added_tokens": [{**a, "id": new_id} if a["content"] == content else a for a in d["added_tokens"]]}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    # one huge id in a 700-token file: refused, never sized (a list of 10**9 slots is 8 GB)
+    (lambda d: _with_vocab(d, **{"ĠzzQ": 10**9}), "token b' zzQ' has id 1000000000, but there are only 701 tokens"),
+    (lambda d: _with_added_id(d, "<|end|>", 10**9), "token '<|end|>' has id 1000000000, but there are only 700"),
+    (lambda d: _with_vocab(d, **{"ĠzzQ": 701}), "token b' zzQ' has id 701, but there are only 701 tokens"),
+    (lambda d: _with_vocab(d, **{"ĠzzQ": 700}), None),  # the next free id: loads
+    (lambda d: _with_added_id(_without_vocab(d, "<|end|>"), "<|end|>", -3, in_vocab=False),
+     "token '<|end|>' has id -3, not a non-negative integer"),
+    (lambda d: _with_added_id(d, "<|end|>", 5), "token 'ą' and added token '<|end|>' both have id 5"),  # ą: byte 5
+    (lambda d: _with_added_id(d, "<|end|>", 700, in_vocab=False), "'<|end|>' has id 699 in the vocab but id 700 in"),
+    (lambda d: _with_vocab(d, **{"ĠzzQ": 300}), "both have id 300; ids must be unique"),
+    (lambda d: {**d, "added_tokens": d["added_tokens"] + [{**d["added_tokens"][0], "id": 3}]},
+     "added token '<|endoftext|>' is listed with two ids"),
+])
+def test_ids_are_checked_before_anything_is_allocated(tmp_path, tok, mutate, message):
+    import tracemalloc
+
+    assert tok.n_vocab == 700
+    path = _write(tmp_path, mutate(_good(tok)))
+    if message is None:
+        assert Tokenizer.load(path).n_vocab == 701
+        return
+    tracemalloc.start()
+    try:
+        with pytest.raises(TokenizerError) as err:
+            Tokenizer.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert message in str(err.value) and str(path) in str(err.value), str(err.value)
+    assert peak < 50e6   # the file is ~20 KB; building a table for id 10**9 would take 8 GB
+
+
+def test_sparse_ids_only_when_allowed(tmp_path):
+    import pickle
+
+    vocab = {i: bytes([i]) for i in range(256)}
+    with pytest.raises(TokenizerError, match=r"'<\|endoftext\|>' has id 300, but there are only 257 tokens"):
+        Tokenizer(vocab, [], {"<|endoftext|>": 300})
+    with pytest.raises(TokenizerError, match="plus 43 allowed unused id"):
+        Tokenizer(vocab, [], {"<|endoftext|>": 300}, max_id_gaps=43)
+    sparse = Tokenizer(vocab, [], {"<|endoftext|>": 300}, max_id_gaps=44)
+    assert sparse.n_vocab == 301 and sparse.decode([104, 105, 300]) == "hi<|endoftext|>"
+    with pytest.raises(TokenizerError, match="id 299 is not in this vocabulary"):
+        sparse.decode([299])
+    assert pickle.loads(pickle.dumps(sparse)).n_vocab == 301   # the allowance survives pickling
+    sparse.save(tmp_path / "t.json")
+    with pytest.raises(TokenizerError, match="pass max_id_gaps"):
+        Tokenizer.load(tmp_path / "t.json")
+    assert Tokenizer.load(tmp_path / "t.json", max_id_gaps=44).special_tokens == {"<|endoftext|>": 300}
+    with pytest.raises(TokenizerError, match="max_id_gaps=-1 must be an integer >= 0"):
+        Tokenizer(vocab, [], max_id_gaps=-1)

@@ -1,9 +1,11 @@
 """Subprocess for the kill tests: train the toy run in argv[1], resuming whatever is there.
 
     python resume_worker.py OUT            train (resume=True) until done
-    python resume_worker.py OUT hang N     as above, but hang forever in the middle of writing
-                                           checkpoint N (after model.safetensors, before the
-                                           rename), touching OUT/HANGING first
+    python resume_worker.py OUT frozen     the same on a partly frozen base with a custom
+                                           objective, saving trainable weights only
+    python resume_worker.py OUT hang N     as the first, but hang forever in the middle of
+                                           writing checkpoint N (after model.safetensors, before
+                                           the rename), touching OUT/HANGING first
 """
 import os
 import sys
@@ -11,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_toy import toy_trainer  # noqa: E402
+from train_toy import frozen_trainer, toy_trainer  # noqa: E402
 
 out = Path(sys.argv[1])
 if len(sys.argv) > 2 and sys.argv[2] == "hang":
@@ -24,4 +26,4 @@ if len(sys.argv) > 2 and sys.argv[2] == "hang":
             (out / "HANGING").write_text("1")
             time.sleep(600)
     ckpt.save_file = slow_save
-toy_trainer(out, resume=True).fit()
+(frozen_trainer if sys.argv[2:3] == ["frozen"] else toy_trainer)(out, resume=True).fit()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lmstack.train import Trainer
 from lmstack.train import checkpoint as ckpt
-from train_toy import ToySampler, tiny_model_config, toy_config
+from train_toy import ToySampler, frozen_model, frozen_trainer, tiny_model_config, toy_config
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 
@@ -41,10 +41,13 @@ def test_ddp_gradients_equal_single_process_big_batch(ddp_run):
 
         def state_dict(self):
             return {}
+
+        def load_state_dict(self, sd):
+            pass
     t = Trainer(toy_config(tmp_path / "single", batch_size=4, seq_len=16, grad_clip=0.0), tiny_model_config(),
-                train_sampler=Fixed())
+                batches=Fixed())
     t._setup()
-    loss, _ = t._micro_loss(t.model, t.objective.make_batch(*Fixed().next_batch(), t.gen))
+    loss, _, _ = t._micro_loss(t.model, t._prepare(Fixed().next_batch(), t.gen))
     loss.backward()
     for n, p in t.raw_model.named_parameters():
         assert torch.equal(g0[n], g1[n]), n                    # all-reduced: identical on both ranks
@@ -58,7 +61,7 @@ def test_ddp_checkpoint_resumes_on_one_process(ddp_run):
     assert meta["world_size"] == 2 and meta["tokens_seen"] == 4 * 2 * 2 * 32
     weights, _, _ = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_0000004")
     cfg = toy_config(tmp_path, max_steps=6, ckpt_every=2, batch_size=4, resume=True)
-    t = Trainer(cfg, tiny_model_config(), train_sampler=ToySampler(4, 32), val_sampler=ToySampler(4, 32, seed=99))
+    t = Trainer(cfg, tiny_model_config(), batches=ToySampler(4, 32), val_batches=ToySampler(4, 32, seed=99))
     t._setup()
     assert t.step == 4
     for n, p in t.raw_model.state_dict().items():
@@ -87,3 +90,18 @@ def test_fsdp_trains_like_ddp(ddp_run):
         return [r["loss"] for r in recs if r.get("split") == "train"]
     assert len(losses("fsdp")) == 4      # (the resume test may have appended steps 5-6 to ddp's)
     assert losses("fsdp") == pytest.approx(losses("ddp")[:4], abs=1e-6)
+
+
+def test_ddp_on_a_frozen_base_saves_trainable_weights_and_resumes_on_one_process(ddp_run):
+    root = ddp_run[0] / "frozen"
+    weights, state, meta = ckpt.load_checkpoint(root / "checkpoints" / "step_0000002")
+    base = frozen_model()
+    trainable = {n for n, p in base.named_parameters() if p.requires_grad}
+    assert set(weights) == trainable and meta["world_size"] == 2 and len(state["objective"]) == 2
+    t = frozen_trainer(root, max_steps=3, batch_size=2, resume=True)
+    t._setup()                                # same base on one process: the fingerprint matches
+    assert t.step == 2
+    for n, p in t.raw_model.named_parameters():
+        want = weights[n] if n in trainable else base.state_dict()[n]
+        assert torch.equal(p, want), n
+    assert t._fit()["steps"] == 3

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from lmstack.train import checkpoint as ckpt
-from train_toy import losses, toy_trainer
+from train_toy import frozen_model, frozen_trainer, losses, records, toy_trainer
 
 WORKER = str(Path(__file__).with_name("resume_worker.py"))
+
+
+RUNS = {"pretrain": toy_trainer, "frozen": frozen_trainer}
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +24,18 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     toy_trainer(out).fit()
     return losses(out)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, reference):
+    """Every metrics record (losses, objective metrics, lr, grad norm, tokens) of an
+    uninterrupted run of each kind."""
+    out = {}
+    for kind, make in RUNS.items():
+        d = tmp_path_factory.mktemp(kind)
+        make(d).fit()
+        out[kind] = records(d)
+    return out
 
 
 def _spawn(out, *extra):
@@ -36,14 +51,18 @@ def _n_lines(path):
         return 0
 
 
-def test_sigkill_at_random_point_then_resume_gives_identical_losses(tmp_path, reference):
+@pytest.mark.parametrize("kind", ["pretrain", "frozen"])
+def test_sigkill_at_random_point_then_resume_gives_identical_metrics(tmp_path, references, kind):
+    """pretrain: the built-in causal objective, all weights. frozen: a base passed in with all
+    but the last block frozen, a custom objective with randomness, metrics and state, and
+    checkpoints holding only the trainable weights."""
     rng = random.Random()
     seed = rng.randrange(10**6)
     rng = random.Random(seed)
     # Kill once a random number of metrics lines exist, plus a random sub-step delay, so the
     # kill lands anywhere: mid-step, mid-eval or mid-checkpoint-write.
     kill_after = rng.randint(1, 13)   # 12 train + 3 val lines in all
-    proc = _spawn(tmp_path)
+    proc = _spawn(tmp_path, *([kind] if kind == "frozen" else []))
     deadline = time.time() + 120
     while _n_lines(tmp_path / "metrics.jsonl") < kill_after and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -51,9 +70,15 @@ def test_sigkill_at_random_point_then_resume_gives_identical_losses(tmp_path, re
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = len(ckpt.list_checkpoints(tmp_path / "checkpoints"))
-    toy_trainer(tmp_path, resume=True).fit()         # resume in this process to the end
-    got = losses(tmp_path)
-    assert got == reference, f"seed {seed}, killed after {kill_after} lines ({killed_at} checkpoints)"
+    result = RUNS[kind](tmp_path, resume=True).fit()         # resume in this process to the end
+    got = records(tmp_path)
+    assert got == references[kind], f"seed {seed}, killed after {kill_after} lines ({killed_at} checkpoints)"
+    if kind == "frozen":
+        assert {"acc", "loss_ema"} <= set(got[("train", 12)]) and {"acc", "loss_ema"} <= set(got[("val", 12)])
+        weights, _, meta = ckpt.load_checkpoint(result["checkpoint"])
+        assert meta["save_weights"] == "trainable"
+        assert sorted(weights) == sorted(n for n, p in frozen_model().named_parameters() if p.requires_grad)
+        assert not (tmp_path / "model.safetensors").exists()     # the base is the caller's
 
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, reference):

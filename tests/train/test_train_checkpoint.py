@@ -1,6 +1,8 @@
 """Checkpoint format: tensors in safetensors, the rest in JSON, no pickle; atomic; keep last N."""
 import json
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +85,57 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     (path / "state.safetensors").write_bytes(b"garbage")
     with pytest.raises(LmstackError, match="damaged"):
         ckpt.load_checkpoint(path)
+
+
+def test_full_disk_in_safetensors_is_the_same_one_line_error(tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own SafetensorError, which is no OSError."""
+    from safetensors import SafetensorError
+    _save(tmp_path, 1)
+
+    def full_disk(tensors, path, *a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })\nmore detail')
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(LmstackError) as e:
+        _save(tmp_path, 2)
+    msg = str(e.value)
+    assert "\n" not in msg and e.value.__cause__ is None and e.value.__suppress_context__
+    assert msg.startswith(f"could not write checkpoint {tmp_path / 'step_0000002'}: Error while serializing")
+    assert "No space left on device" in msg and msg.endswith("the previous checkpoint is intact; free disk space "
+                                                             "or choose another --out")
+    assert [p.name for p in tmp_path.iterdir()] == ["step_0000001"]
+
+
+def test_kill_while_pruning_leaves_no_orphan(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint to a trash name before deleting it: a kill in the middle
+    of the delete leaves a trash dir (never a half-deleted step_N), which recover() removes."""
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *a, **k):           # delete one file, then the process "dies"
+        (Path(path) / "state.json").unlink()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 3)                      # keep_last=2: prunes step 1
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0].startswith(".step_0000001.") and names[0].endswith(".trash") and names[1:] == \
+        ["step_0000002", "step_0000003"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000002", "step_0000003"]
+    ckpt.recover(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002", "step_0000003"]
+
+
+def test_recover_removes_half_deleted_step_dirs(tmp_path):
+    """The state an older lmstack left when killed inside rmtree: a step dir with some files
+    gone. It is never resumed from or pruned, so recover() must remove it; complete ones stay."""
+    for s in (1, 2, 3):
+        _save(tmp_path, s, keep=0)
+    (tmp_path / "step_0000001" / "state.json").unlink()          # weights, no state
+    (tmp_path / "step_0000002" / "model.safetensors").unlink()   # state, no weights
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000003"]
+    ckpt.recover(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000003"]
+    ckpt.load_checkpoint(tmp_path / "step_0000003")

@@ -71,3 +71,11 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, data, capsys):
     assert main(["train", "--data", str(other), "--out", str(out), "--max-steps", "4", "--resume", *FLAGS]) == 1
     assert "another tokenizer" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_seq_len_beyond_the_context_fails_before_the_default_corpus_is_built(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--seq-len", "4096", "--model-overrides", "{context_length: 256}"]) == 1
+    assert ("seq_len=4096 exceeds the model's context_length=256; lower --seq-len or set model_overrides: "
+            "{context_length: 4096}") in capsys.readouterr().err
+    assert not (out / "data").exists()

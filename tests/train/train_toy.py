@@ -1,6 +1,6 @@
 """Small stand-ins for the trainer tests: a tiny model config and an in-memory sampler.
 
-`ToySampler` follows the sampler protocol the Trainer uses (next_batch, state_dict,
+`ToySampler` follows the batch-source protocol the Trainer uses (next_batch, state_dict,
 load_state_dict) over a fixed random token stream, so loop tests do not depend on building
 a corpus. The data-dir path (PackedSampler over real shards) is tested in test_cli.py.
 """
@@ -58,11 +58,74 @@ def toy_trainer(out, model_kw=None, **kw):
     from lmstack.train import Trainer
     cfg = toy_config(out, **kw)
     mcfg = tiny_model_config(**{"dropout": 0.1, **(model_kw or {})})
-    return Trainer(cfg, mcfg, train_sampler=ToySampler(cfg.batch_size, cfg.seq_len, seed=cfg.seed),
-                   val_sampler=ToySampler(cfg.batch_size, cfg.seq_len, seed=99))
+    return Trainer(cfg, mcfg, batches=ToySampler(cfg.batch_size, cfg.seq_len, seed=cfg.seed),
+                   val_batches=ToySampler(cfg.batch_size, cfg.seq_len, seed=99))
 
 
 def losses(out):
     """{(split, step): loss} from out/metrics.jsonl."""
     from lmstack.train.metrics import read_metrics
     return {(r["split"], r["step"]): r["loss"] for r in read_metrics(out) if "loss" in r}
+
+
+# --------------------------------------------------------------------------- a partly frozen run
+def frozen_objective():
+    """A custom objective that uses all of the protocol: random loss positions drawn from the
+    trainer's generator in prepare(), metrics (token accuracy, an EMA of the loss) and state
+    (the EMA), so exact resume needs every one of them restored."""
+    from lmstack.train import IGNORE_INDEX, Batch, CausalLM, token_loss
+
+    class DropTargetsLM(CausalLM):
+        name = "drop-targets"
+
+        def __init__(self):
+            self.ema = 0.0
+
+        def prepare(self, raw, generator):
+            x, y = raw
+            drop = torch.rand(y.shape, generator=generator) < 0.2       # 20% of targets carry no loss
+            return Batch(x, torch.where(drop, torch.full_like(y, IGNORE_INDEX), y))
+
+        def loss(self, model, batch):
+            logits = self.forward(model, batch)
+            loss = token_loss(logits, batch.targets)
+            keep = batch.targets != IGNORE_INDEX
+            acc = (logits.argmax(-1) == batch.targets)[keep].float().mean()
+            if model.training:
+                self.ema = 0.9 * self.ema + 0.1 * float(loss.detach())
+            return loss, {"acc": acc, "loss_ema": self.ema}
+
+        def state_dict(self):
+            return {"ema": self.ema}
+
+        def load_state_dict(self, sd):
+            self.ema = sd["ema"]
+
+    return DropTargetsLM()
+
+
+def frozen_model(base_seed: int = 1234, **model_kw):
+    """The caller's base model: the tiny Transformer from `base_seed`, everything frozen but
+    the last block and the final norm (embeddings and the tied LM head stay frozen)."""
+    from lmstack.model import Transformer
+    torch.manual_seed(base_seed)
+    model = Transformer(tiny_model_config(**{"dropout": 0.1, **model_kw}))
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith(("blocks.1.", "norm_f."))
+    return model
+
+
+def frozen_trainer(out, base_seed: int = 1234, **kw):
+    """toy_trainer's run on a partly frozen base with `frozen_objective`, saving trainable weights only."""
+    from lmstack.train import Trainer
+    cfg = toy_config(out, save_weights="trainable", **kw)
+    return Trainer(cfg, frozen_model(base_seed), frozen_objective(),
+                   ToySampler(cfg.batch_size, cfg.seq_len, seed=cfg.seed),
+                   val_batches=ToySampler(cfg.batch_size, cfg.seq_len, seed=99))
+
+
+def records(out):
+    """{(split, step): record} from out/metrics.jsonl without the timing fields."""
+    from lmstack.train.metrics import read_metrics
+    return {(r["split"], r["step"]): {k: v for k, v in r.items() if k not in ("tok_per_s", "mfu")}
+            for r in read_metrics(out)}

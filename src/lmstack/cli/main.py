@@ -13,7 +13,7 @@ from lmstack.cli.options import Parser
 from lmstack.utils.errors import LmstackError
 
 # Order is the order shown in --help.
-COMMANDS = ["run", "data", "tokenizer", "train", "generate", "serve"]
+COMMANDS = ["run", "data", "tokenizer", "train", "finetune", "align", "generate", "serve", "eval", "rag", "export"]
 
 
 def build_parser() -> Parser:

@@ -2,12 +2,23 @@
 
     lmstack serve runs/tiny                         # http://127.0.0.1:8000/ (dashboard), /v1/...
     lmstack serve runs/tiny --port 9000 --api-key sk-local --max-n 4
+    lmstack serve hf/qwen2-0.5b --chat-template chatml.jinja    # replace the folder's template
+    lmstack serve runs/base --lora sql=adapters/sql --lora chat=adapters/chat   # several LoRA adapters
+
+With --lora, clients pick an adapter by its name in the request's `model` field (the base
+keeps its own name); /v1/models lists them all. Each folder is a PEFT adapter for this base
+(lmstack.finetune.save_adapter, or PEFT's); every one is checked before the server listens.
+
+Chat requests are rendered by the folder's own Jinja chat template (tokenizer_config.json
+or chat_template.jinja, as Hugging Face checkpoints ship it), by --chat-template FILE in
+its place, or, for lmstack run directories, by lmstack's template.
 
 Binds to loopback unless --host says otherwise; a non-loopback host without --api-key
 gets a warning, because anyone who can reach the port can then use the model.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +38,11 @@ class ServeOptions:
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body; bigger ones get 413"})
     max_attention_tokens: int = field(default=64, metadata={"help": "longest prompt for the dashboard's "
                                                                      "attention maps"})
+    max_tokenize_tokens: int = field(default=8192, metadata={"help": "longest text the dashboard's token view "
+                                                                      "(/v1/internal/tokenize) answers for"})
+    chat_template: str | None = field(default=None, metadata={"help": "file holding a Jinja chat template "
+                                                                       "(as in HF tokenizer_config.json) to use "
+                                                                       "instead of the model's"})
     max_num_seqs: int = field(default=64, metadata={"help": "engine: sequences in one batch (1 = no "
                                                              "continuous batching)"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "engine: tokens per step"})
@@ -34,6 +50,7 @@ class ServeOptions:
     kv_cache_tokens: int | None = field(default=None, metadata={"help": "engine: KV-cache capacity in tokens"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "engine: reuse KV blocks of shared "
                                                                          "prompt prefixes"})
+    lora: list[str] | None = field(default=None, metadata={"cli": False, "help": "LoRA adapters as NAME=DIR"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
 
@@ -43,7 +60,30 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="RUN_DIR|HF_DIR", help="run directory or Hugging Face checkpoint folder")
     add_options(p, ServeOptions)
+    p.add_argument("--lora", dest="lora", action="append", default=argparse.SUPPRESS, metavar="NAME=DIR",
+                   help="serve the PEFT LoRA adapter in DIR as model NAME, in the same batches as the base; "
+                        "repeat for more adapters")
     p.set_defaults(func=handler)
+
+
+def lora_dirs(specs: list[str] | None, served_name: str) -> dict[str, str] | None:
+    """['sql=adapters/sql', ...] -> {'sql': 'adapters/sql', ...}, each NAME=DIR checked."""
+    if not specs:
+        return None
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, eq, path = str(spec).partition("=")
+        name, path = name.strip(), path.strip()
+        if not eq or not name or not path:
+            raise LmstackError(f"--lora {spec!r}: expected NAME=DIR, e.g. --lora sql=adapters/sql")
+        if name in out or name == served_name:
+            raise LmstackError(f"--lora {spec!r}: the name {name!r} is already taken "
+                               f"({'by another --lora' if name in out else 'by the base model'}); pick another")
+        if not Path(path).is_dir():
+            raise LmstackError(f"--lora {spec!r}: folder {path} not found; give a PEFT adapter folder "
+                               "(adapter_config.json + adapter_model.safetensors)")
+        out[name] = path
+    return out
 
 
 def engine_kwargs(opts: ServeOptions) -> dict:
@@ -71,14 +111,22 @@ def handler(args) -> int:
         print(f"warning: binding to {opts.host} without --api-key: anyone who can reach this port can use "
               "the model", file=sys.stderr)
     from lmstack.infer import AsyncLLM
+    from lmstack.tokenizer.chat_template import ChatTemplate
 
-    # Load the model here, before the server starts, so a bad directory is a one-line error.
+    if opts.chat_template is not None and not Path(opts.chat_template).is_file():
+        raise LmstackError(f"--chat-template {opts.chat_template}: file not found; pass a file holding the "
+                           "Jinja text of a chat template")
+    served_name = opts.served_model_name or model_dir.resolve().name
+    lora = lora_dirs(opts.lora, served_name)
+    # Load the model, its adapters and the template here, before the server starts, so that
+    # a bad directory, adapter or template is a one-line error.
     try:
-        engine = AsyncLLM(str(model_dir), **engine_kwargs(opts))
+        template = ChatTemplate.from_pretrained(model_dir, opts.chat_template)
+        engine = AsyncLLM(str(model_dir), lora=lora, **engine_kwargs(opts))
         app = create_app(engine, api_key=opts.api_key, max_n=min(opts.max_n, opts.max_num_seqs),
-                         max_body_bytes=opts.max_body_bytes,
-                         served_model_name=opts.served_model_name or model_dir.resolve().name,
-                         max_attention_tokens=opts.max_attention_tokens)
+                         max_body_bytes=opts.max_body_bytes, served_model_name=served_name,
+                         max_attention_tokens=opts.max_attention_tokens,
+                         max_tokenize_tokens=opts.max_tokenize_tokens, chat_template=template)
     except (ValueError, OSError) as e:
         raise LmstackError(str(e)) from None
     print(f"lmstack serve: http://{opts.host}:{opts.port}/ (dashboard), API at /v1, spec at /openapi.json",

@@ -45,7 +45,9 @@ def build_default_data(data_dir: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmstack.train.build import preflight
     cfg = build_options(TrainConfig, args)
+    preflight(cfg)              # a bad preset or --seq-len fails before the default corpus is built
     if cfg.data is None:
         cfg.data = str(build_default_data(Path(cfg.out) / "data"))
     result = Trainer(cfg).fit()

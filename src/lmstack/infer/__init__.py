@@ -4,16 +4,23 @@ speculative decoding) behind a vLLM-style API.
     from lmstack.infer import LLM, SamplingParams
     outs = LLM("runs/tiny").generate(["Once upon a time"], SamplingParams(max_tokens=32))
 
-Files, one job each: sequence (a request's state), block_manager (KV block ids, refcounts,
-prefix hashes; no tensors), scheduler (continuous batching, chunked prefill, preemption),
-paged_cache + runner (block tables -> tensors -> model -> logits), sampling/sampler (S),
-detokenizer (incremental text, stop strings), speculative (draft model / n-gram),
-engine (the step loop), llm (offline API), async_engine (the server's API).
+Files, one job each: sampling_params (SamplingParams), request (a validated request and
+its tracking), sequence (one completion's tokens and progress), block_manager (KV block ids,
+block tables, refcounts, prefix hashes; no tensors), scheduler (continuous batching,
+chunked prefill, preemption), paged_cache + runner (scheduled seqs -> tensors -> model ->
+logits), sampler (logits -> tokens, logprobs), postprocess (tokens -> stops, text; per-
+request faults), detokenizer (incremental text), speculative + ngram + rejection (draft
+model / n-gram proposals, exact verification), weights (in-place weight updates), lora
+(several LoRA adapters over one base, chosen per request), engine (the step loop), llm
+(offline API), async_engine (the server's API), beam_search.
 """
 from lmstack.infer.engine import LLMEngine, RequestError
 from lmstack.infer.llm import LLM
+from lmstack.infer.lora import LoRAError, LoRARequest
 from lmstack.infer.outputs import CompletionOutput, Logprob, RequestOutput
-from lmstack.infer.sampling import SamplingParams
+from lmstack.infer.request import EngineRequest
+from lmstack.infer.sampling_params import SamplingParams
+from lmstack.infer.weights import WeightsError
 
 
 def __getattr__(name: str):
@@ -24,4 +31,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["LLM", "AsyncLLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "RequestError"]
+           "RequestError", "EngineRequest", "WeightsError", "LoRARequest", "LoRAError"]

@@ -5,13 +5,17 @@ code submits requests and consumes streams without ever waiting on model compute
     async for out in engine.generate("Hello", SamplingParams(max_tokens=32), request_id="r1"):
         print(out.outputs[0].text)          # cumulative text so far; out.finished at the end
     await engine.abort("r1"); engine.stats(); await engine.shutdown()
+    await engine.update_weights(policy.state_dict())    # applied between two steps
 
-Threading: only the engine thread touches the scheduler and the KV cache. The event loop
-talks to it through a command queue (add / abort, applied before the next step) and gets
+Threading: only the engine thread touches the scheduler, the KV cache and the weights. The
+event loop talks to it through a command queue (add / abort / update_weights, applied
+before the next step, so a weight update never lands in the middle of a forward) and gets
 outputs back through one `asyncio.Queue` per request, filled with
 `loop.call_soon_threadsafe`. Validation (tokenizing, length checks) runs in the caller, so a
 bad request raises `RequestError` at once and never reaches the loop; other requests are
-unaffected. A request whose consumer stops iterating (client gone) is aborted.
+unaffected. A request whose consumer stops iterating (client gone) is aborted. A request
+that fails inside the engine ends with `RequestOutput.error` set (outputs.py); a failed
+forward ends every request in it with the exception raised from its stream.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from typing import AsyncIterator
 
 from lmstack.infer.engine import LLMEngine, RequestError
 from lmstack.infer.outputs import RequestOutput
-from lmstack.infer.sampling import SamplingParams
+from lmstack.infer.sampling_params import SamplingParams
 
 
 class AsyncLLM:
@@ -46,17 +50,23 @@ class AsyncLLM:
         return self.engine.model
 
     # -- event-loop side ------------------------------------------------------------------
+    @property
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters served over the base (AsyncLLM(..., lora={name: dir}))."""
+        return self.engine.lora_names
+
     async def generate(self, prompt, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
+        """`lora_request`: an adapter name or a LoRARequest (infer/lora.py); None = the base."""
         if not self._running:
             raise RuntimeError("AsyncLLM has been shut down")
-        checked = self.engine.check_request(prompt, sampling_params)    # raises RequestError now
+        request = self.engine.check_request(prompt, sampling_params, lora_request)   # raises RequestError now
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self._streams:
             raise RequestError(f"request_id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._send(("add", request_id, checked))
+        self._send(("add", request_id, request))
         finished = False
         try:
             while not finished:
@@ -72,6 +82,15 @@ class AsyncLLM:
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
+
+    async def update_weights(self, weights) -> None:
+        """`LLMEngine.update_weights` between two steps (requests in flight are preempted by
+        recompute and go on under the new weights); raises its WeightsError here."""
+        if not self._running:
+            raise RuntimeError("AsyncLLM has been shut down")
+        done = asyncio.get_running_loop().create_future()
+        self._send(("update_weights", weights, done))
+        await done
 
     def stats(self) -> dict:
         """Engine stats as of the last step (a snapshot; safe to call from any thread)."""
@@ -104,13 +123,20 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, checked = cmd
+                _, rid, request = cmd
                 if rid not in self._streams:       # abandoned before it started
                     continue
                 try:
-                    self.engine.add_request(None, request_id=rid, checked=checked)
+                    self.engine.add_request(request, request_id=rid)
                 except RequestError as e:
                     self._deliver(rid, e)
+            elif cmd[0] == "update_weights":
+                _, weights, done = cmd
+                try:
+                    self.engine.update_weights(weights)
+                    _settle(done, None)
+                except Exception as e:
+                    _settle(done, e)
             else:
                 out = self.engine.abort_request(cmd[1])
                 if out is not None:
@@ -138,3 +164,25 @@ class AsyncLLM:
             out = self.engine.abort_request(rid)
             if out is not None:
                 self._deliver(rid, out)
+        while True:                              # and every weight update still queued
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "update_weights":
+                _settle(cmd[2], RuntimeError("AsyncLLM shut down before the weight update was applied"))
+
+
+def _settle(done: asyncio.Future, error: BaseException | None) -> None:
+    """Complete an event-loop future from the engine thread."""
+    def settle():
+        if done.cancelled():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+    try:
+        done.get_loop().call_soon_threadsafe(settle)
+    except RuntimeError:      # the caller's loop is closed; nobody is waiting
+        pass

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from lmstack.infer.sampling import MAX_LOGPROBS, SamplingParams
+from lmstack.infer.sampling_params import MAX_LOGPROBS, SamplingParams
 
 # step_fn(token_id_lists) -> one {token_id: logprob} per list, covering at least its top-2W tokens
 StepFn = Callable[[list[list[int]]], list[dict[int, float]]]
@@ -135,9 +135,13 @@ def _is_done(s: _PromptState, W: int, length: int, max_tokens: int, length_penal
 
 def beam_search(llm, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], beam_width: int = 4,
                 max_tokens: int = 16, length_penalty: float = 1.0, early_stopping: bool | str = False,
-                ignore_eos: bool = False) -> list[BeamSearchOutput]:
+                ignore_eos: bool = False, lora_request=None) -> list[BeamSearchOutput]:
     """vLLM-style `LLM.beam_search`: prompts are strings or token-id lists; returns, per
-    prompt, the `beam_width` best sequences (best first) with their decoded text."""
+    prompt, the `beam_width` best sequences (best first) with their decoded text.
+    `lora_request`: the LoRA adapter every beam runs with (a name or LoRARequest; None = the base)."""
+    if isinstance(lora_request, (list, tuple)):
+        raise ValueError("beam_search: lora_request is one adapter for all prompts (a name or a LoRARequest); "
+                         "run one beam_search per adapter")
     tokenizer = llm.tokenizer
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
         prompts = [prompts]
@@ -158,7 +162,7 @@ def beam_search(llm, prompts: str | Sequence[int] | Sequence[str | Sequence[int]
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * beam_width, ignore_eos=True)
 
     def step_fn(queries: list[list[int]]) -> list[dict[int, float]]:
-        results = llm.generate(queries, params)
+        results = llm.generate(queries, params, **({"lora_request": lora_request} if lora_request else {}))
         return [{int(t): float(lp.logprob) for t, lp in r.outputs[0].logprobs[0].items()} for r in results]
 
     outs = beam_search_ids(step_fn, prompt_ids, beam_width, max_tokens, length_penalty, early_stopping,

@@ -1,9 +1,10 @@
 """KV-cache block bookkeeping: block ids, reference counts, copy-on-write, prefix caching.
 
 No tensors live here. The paged cache (runner side) holds `num_blocks * block_size` token
-slots per layer; this class decides which block ids a sequence owns. A sequence's
-`block_table[i]` is the physical block that holds its tokens `i*block_size ..
-(i+1)*block_size - 1`.
+slots per layer; this class decides which block ids a sequence owns, and keeps each
+sequence's block table (by `seq_id`): `block_table(seq_id)[i]` is the physical block that
+holds its tokens `i*block_size .. (i+1)*block_size - 1`. The runner reads the tables; only
+this class writes them.
 
 Reference counts. A block may be shared: by siblings forked from one prompt (n > 1) and by
 requests that start with the same tokens (prefix caching). A block is written only while
@@ -29,24 +30,56 @@ whole prefix token for token, whatever the hash function does. The incarnation c
 (`_gen`) bumps each time a block id is registered anew, so a child never attaches to a
 parent block that was evicted and reused for other tokens.
 
+LoRA adapters. The same tokens under two adapters have different K/V, so a sequence's
+chain starts from its adapter: h_{-1} = hash((seed, adapter id)) and block 0's recorded
+parent is (-1, adapter id) (real block ids are >= 0). Requests under different adapters
+(or one under an adapter and one on the base) then never share a block, even on a hash
+collision; requests under the same adapter share as usual. The base keeps the plain seed.
+
 Eviction. A cached block whose refcount drops to 0 is not wiped: it joins an LRU list of
 "cached-free" blocks and can still be hit. Allocation takes truly free blocks first, then
 evicts the least-recently-freed cached block (dropping its hash). Blocks in use (refcount
 > 0) are never evicted.
+
+Reset. Cached K/V are only valid for the weights that computed them: after a weight update
+`reset_prefix_cache` forgets every hash (the engine first preempts the running sequences,
+so no block is held and none can be registered later with stale K/V).
 """
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 from lmstack.infer.sequence import Sequence
+from lmstack.utils import LmstackError
 
 _ROOT = 0x5EED  # h_{-1}: chain value before the first block
+_BROKEN = ("broken",)   # a chain that no cached block continues (see _SeqBlocks.chain_parent)
+
+
+def chain_root(seq: Sequence) -> tuple[int, tuple[int, int] | None]:
+    """(h_{-1}, block 0's parent) of seq's chain: the plain seed for the base, one per adapter."""
+    if not seq.lora_id:
+        return _ROOT, None
+    return hash((_ROOT, "lora", seq.lora_id)), (-1, seq.lora_id)
 
 
 def chain_hash(parent_hash: int, token_ids: tuple[int, ...]) -> int:
     """h_i = hash((h_{i-1}, tokens_i)); Python's tuple hash is deterministic for ints."""
     return hash((parent_hash, token_ids))
+
+
+@dataclass
+class _SeqBlocks:
+    """One sequence's blocks and how far its prefix hashing has got."""
+    table: list[int] = field(default_factory=list)
+    num_hashed: int = 0          # leading full blocks already hashed (registered or passed over)
+    last_hash: int = _ROOT       # chain value h of block num_hashed - 1 (the chain root when none)
+    # (id, gen) of the cached block that holds this prefix through block num_hashed - 1: the
+    # parent block num_hashed records (our own block, or the cached one it duplicates);
+    # _BROKEN when no cached block does (a hash collision), so nothing later is registered
+    chain_parent: tuple | None = None
 
 
 class BlockManager:
@@ -65,9 +98,11 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.block_hash: list[int | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
-        self.block_parent: list[tuple[int, int] | None] = [None] * num_blocks  # (parent id, parent gen)
+        # (parent id, parent gen); for block 0: None on the base, (-1, adapter id) under an adapter
+        self.block_parent: list[tuple[int, int] | None] = [None] * num_blocks
         self._gen = [0] * num_blocks
         self.pending_copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) for the runner
+        self._seqs: dict[int, _SeqBlocks] = {}            # seq_id -> its blocks (only while it holds some)
         # stats
         self.prefix_queries = 0   # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0      # of those, found cached
@@ -82,10 +117,25 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 
+    def block_table(self, seq_id: int) -> list[int]:
+        """The physical blocks of seq_id's tokens, in order (read-only; [] if it holds none)."""
+        entry = self._seqs.get(seq_id)
+        return entry.table if entry is not None else []
+
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """New blocks for seq to hold `num_tokens` tokens in total (plus one if CoW needed)."""
-        need = -(-num_tokens // self.block_size) - len(seq.block_table)
+        need = -(-num_tokens // self.block_size) - len(self.block_table(seq.seq_id))
         return max(need, 0) + (1 if self._needs_cow(seq, num_tokens) else 0)
+
+    def filled_slots(self, seqs: Iterable[Sequence]) -> int:
+        """Token slots holding a token (or a draft token) in the distinct blocks seqs hold."""
+        seen, tokens = set(), 0
+        for seq in seqs:
+            for i, b in enumerate(self.block_table(seq.seq_id)):
+                if b not in seen:
+                    seen.add(b)
+                    tokens += min(self.block_size, len(seq) + len(seq.spec_token_ids) - i * self.block_size)
+        return tokens
 
     # -- allocation -----------------------------------------------------------------------
     def _take_block(self) -> int:
@@ -116,50 +166,61 @@ class BlockManager:
 
     def _needs_cow(self, seq: Sequence, num_tokens: int) -> bool:
         """Would writing tokens num_computed.. hit a block someone else also holds?"""
+        table = self.block_table(seq.seq_id)
         first = seq.num_computed_tokens // self.block_size
-        return (seq.num_computed_tokens < num_tokens and first < len(seq.block_table)
-                and self.ref_count[seq.block_table[first]] > 1)
+        return (seq.num_computed_tokens < num_tokens and first < len(table)
+                and self.ref_count[table[first]] > 1)
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Give seq slots for `num_tokens` tokens in total; False (nothing changed) if short."""
         if self.blocks_needed(seq, num_tokens) > self.num_free_blocks:
             return False
+        entry = self._seqs.setdefault(seq.seq_id, _SeqBlocks(last_hash=chain_root(seq)[0]))
         if self._needs_cow(seq, num_tokens):
             i = seq.num_computed_tokens // self.block_size
-            src = seq.block_table[i]
+            src = entry.table[i]
             dst = self._take_block()
             self._release(src)
-            seq.block_table[i] = dst
+            entry.table[i] = dst
             self.pending_copies.append((src, dst))
-        while len(seq.block_table) * self.block_size < num_tokens:
-            seq.block_table.append(self._take_block())
+        while len(entry.table) * self.block_size < num_tokens:
+            entry.table.append(self._take_block())
         return True
 
     def free(self, seq: Sequence) -> None:
         """Release all of seq's blocks. Tail first, so LRU eviction takes a prefix's tail
         before its head (the head is the part other requests are likelier to share)."""
-        for block in reversed(seq.block_table):
+        entry = self._seqs.pop(seq.seq_id, None)
+        for block in reversed(entry.table if entry is not None else []):
             self._release(block)
-        seq.block_table = []
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """child shares parent's blocks (child.block_table already copied)."""
-        for block in parent.block_table:
+        """child shares all of parent's blocks (and its prefix-hash progress)."""
+        entry = self._seqs.get(parent.seq_id) or _SeqBlocks(last_hash=chain_root(parent)[0])
+        self._seqs[child.seq_id] = _SeqBlocks(list(entry.table), entry.num_hashed, entry.last_hash,
+                                              entry.chain_parent)
+        for block in entry.table:
             self.ref_count[block] += 1
 
     # -- prefix caching -------------------------------------------------------------------
-    def match_prefix(self, seq: Sequence) -> int:
-        """Attach cached blocks for seq's leading full blocks; return tokens now computed.
+    def match_prefix(self, seq: Sequence, limit: int | None = None) -> int:
+        """Attach cached blocks for seq's leading full blocks; return how many tokens they
+        hold (the caller counts them as computed).
 
         At least one token is always left to compute: the forward pass over it yields the
-        logits for the first new token."""
-        if not self.enable_prefix_caching or seq.block_table:
+        logits for the first new token. `limit` caps the hit further (whole blocks of at
+        most `limit` tokens): a request scoring its prompt needs logits from that position on."""
+        if not self.enable_prefix_caching or self.block_table(seq.seq_id):
             return 0
         tokens = seq.token_ids
         bs = self.block_size
         self.prefix_queries += len(tokens)
-        h, parent = _ROOT, None
-        for i in range((len(tokens) - 1) // bs):
+        entry = _SeqBlocks()
+        h, parent = chain_root(seq)
+        n_blocks = (len(tokens) - 1) // bs
+        if limit is not None:
+            n_blocks = min(n_blocks, limit // bs)
+        for i in range(n_blocks):
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
             h = self.hash_fn(h, chunk)
             block = self.hash_to_block.get(h)
@@ -169,37 +230,61 @@ class BlockManager:
             if self.ref_count[block] == 0:
                 del self.cached_free[block]
             self.ref_count[block] += 1
-            seq.block_table.append(block)
-            seq.num_hashed_blocks, seq.last_block_hash = i + 1, h
-            parent = (block, self._gen[block])
-        hit = len(seq.block_table) * bs
+            entry.table.append(block)
+            entry.num_hashed, entry.last_hash = i + 1, h
+            parent = entry.chain_parent = (block, self._gen[block])
+        if entry.table:
+            self._seqs[seq.seq_id] = entry
+        hit = len(entry.table) * bs
         self.prefix_hits += hit
-        seq.num_computed_tokens = hit
         return hit
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step: put seq's newly completed (full, computed) blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
+        entry = self._seqs.get(seq.seq_id)
+        if not self.enable_prefix_caching or entry is None:
             return
         bs = self.block_size
         n_full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
-        h = seq.last_block_hash if seq.num_hashed_blocks else _ROOT
-        for i in range(seq.num_hashed_blocks, n_full):
-            block = seq.block_table[i]
+        h = entry.last_hash
+        root_parent = chain_root(seq)[1]
+        for i in range(entry.num_hashed, n_full):
+            block = entry.table[i]
             chunk = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = self.hash_fn(h, chunk)
-            prev = seq.block_table[i - 1] if i else None
-            parent = (prev, self._gen[prev]) if prev is not None else None
-            # Register only under a registered parent: a lookup walks the chain through the
-            # canonical block of each hash, so a child of a non-canonical duplicate is unreachable.
-            parent_ok = prev is None or self.hash_to_block.get(self.block_hash[prev]) == prev
-            if parent_ok and self.block_hash[block] is None and h not in self.hash_to_block:
+            # A lookup walks through the cached block of each hash, so a block's parent is the
+            # cached block holding the same prefix, which need not be our own previous block:
+            # two requests sharing a prefix, computed in the same step, each compute it, one
+            # copy gets cached, and the other request's later blocks chain on through that copy.
+            parent = root_parent if i == 0 else entry.chain_parent
+            cached = self.hash_to_block.get(h)
+            if parent is _BROKEN:
+                chained = _BROKEN
+            elif cached is None and self.block_hash[block] is None:
                 self._gen[block] += 1
                 self.hash_to_block[h] = block
                 self.block_hash[block] = h
                 self.block_tokens[block] = chunk
                 self.block_parent[block] = parent
-            seq.num_hashed_blocks, seq.last_block_hash = i + 1, h
+                chained = (block, self._gen[block])
+            elif cached is not None and self.block_tokens[cached] == chunk and self.block_parent[cached] == parent:
+                chained = (cached, self._gen[cached])          # a duplicate of a cached block
+            else:
+                chained = _BROKEN                              # a hash collision: stop here
+            entry.num_hashed, entry.last_hash, entry.chain_parent = i + 1, h, chained
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (their K/V came from other weights). Only with no block
+        held: a held block's K/V would be just as stale, and it could be registered later."""
+        held = sum(1 for r in self.ref_count if r)
+        if held:
+            raise LmstackError(f"reset_prefix_cache: {held} blocks are held by running sequences; "
+                               f"preempt them first (their K/V would be stale too)")
+        for block in self.cached_free:
+            self._unregister(block)
+            self.free_blocks.append(block)
+        self.cached_free.clear()
+        assert not self.hash_to_block, "a hashed block was neither held nor cached-free"
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -210,3 +295,4 @@ class BlockManager:
         held = [b for b in range(self.num_blocks) if self.ref_count[b]]
         assert not held, f"blocks still referenced: {held[:10]}"
         assert len(self.free_blocks) + len(self.cached_free) == self.num_blocks
+        assert not self._seqs, f"block tables of seqs {list(self._seqs)[:10]} were never freed"

@@ -10,10 +10,16 @@ new characters plus len(stop) - 1 before them). On a match the text is cut where
 string starts: the stop text is not returned. While a sequence runs, the last
 len(longest stop) - 1 characters are held back from streaming, since they might be the start
 of a stop string that the next token completes.
+
+Two classes: `Detokenizer` maps token ids to bytes for the engine's tokenizer (shared,
+cached); `IncrementalDetokenizer` is one completion's text state (the request owns one per
+completion). Ids the tokenizer has no text for decode to nothing: a checkpoint's vocab is
+often padded past its tokenizer's (to a multiple of 64 or 128 for fast matmuls), and a
+sampled padding id must not fail the batch.
 """
 from __future__ import annotations
 
-from lmstack.infer.sequence import Sequence
+from lmstack.tokenizer.base import TokenizerError
 
 
 def split_complete_utf8(buf: bytes) -> tuple[bytes, bytes]:
@@ -33,55 +39,76 @@ def split_complete_utf8(buf: bytes) -> tuple[bytes, bytes]:
 
 
 class Detokenizer:
+    """Token id -> bytes (and text, for logprobs) for one tokenizer; None = no text at all."""
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         specials = getattr(tokenizer, "special_tokens", None) or {}
         self.special_ids = set(specials.values())
+        self.n_vocab: int | None = getattr(tokenizer, "n_vocab", None)
         self._cache: dict[int, bytes] = {}
 
     def token_bytes(self, token_id: int) -> bytes:
         b = self._cache.get(token_id)
         if b is None:
-            b = self.tokenizer.decode_bytes([token_id])
-            self._cache[token_id] = b
+            b = self._cache[token_id] = self._lookup(token_id)
         return b
+
+    def _lookup(self, token_id: int) -> bytes:
+        if self.tokenizer is None or (self.n_vocab is not None and not 0 <= token_id < self.n_vocab):
+            return b""                      # a padding id past the tokenizer's vocab
+        try:
+            return self.tokenizer.decode_bytes([token_id])
+        except (TokenizerError, KeyError, IndexError):
+            return b""                      # an id inside the range that has no text (a hole)
 
     def decode_token(self, token_id: int) -> str:
         """One token as text (for logprobs); partial characters show as U+FFFD."""
-        if self.tokenizer is None:
-            return ""
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
-    def append(self, seq: Sequence, token_id: int, final: bool = False) -> str | None:
-        """Add one token's text to seq.text; return the stop string matched, if any."""
-        if self.tokenizer is None:
+    def incremental(self, params) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self, params)
+
+
+class IncrementalDetokenizer:
+    """One completion's text: complete characters so far (stop text cut) + pending bytes."""
+
+    def __init__(self, detokenizer: Detokenizer, params):
+        self.detokenizer = detokenizer
+        self.params = params
+        self.text = ""                    # detokenized output with the stop text removed
+        self.pending = b""                # bytes of output tokens not yet valid UTF-8 text
+
+    def append(self, token_id: int, num_output_tokens: int) -> str | None:
+        """Add one token's text (the sequence now has num_output_tokens); return the stop
+        string matched, if any."""
+        detok, params = self.detokenizer, self.params
+        if detok.tokenizer is None:
             return None
-        params = seq.sampling_params
-        if not (params.skip_special_tokens and token_id in self.special_ids):
-            seq.out_bytes += self.token_bytes(token_id)
-        done, seq.out_bytes = (seq.out_bytes, b"") if final else split_complete_utf8(seq.out_bytes)
+        if not (params.skip_special_tokens and token_id in detok.special_ids):
+            self.pending += detok.token_bytes(token_id)
+        done, self.pending = split_complete_utf8(self.pending)
         if not done:
             return None
-        old_len = len(seq.text)
-        seq.text += done.decode("utf-8", errors="replace")
-        if params.stop and len(seq.output_token_ids) >= params.min_tokens:
+        old_len = len(self.text)
+        self.text += done.decode("utf-8", errors="replace")
+        if params.stop and num_output_tokens >= params.min_tokens:
             for stop in params.stop:
-                idx = seq.text.find(stop, max(0, old_len - len(stop) + 1))
+                idx = self.text.find(stop, max(0, old_len - len(stop) + 1))
                 if idx != -1:
-                    seq.text = seq.text[:idx]
+                    self.text = self.text[:idx]
                     return stop
         return None
 
-    def flush(self, seq: Sequence) -> None:
+    def flush(self) -> None:
         """At the end: whatever bytes are left become text (invalid ones as U+FFFD)."""
-        if seq.out_bytes:
-            seq.text += seq.out_bytes.decode("utf-8", errors="replace")
-            seq.out_bytes = b""
+        if self.pending:
+            self.text += self.pending.decode("utf-8", errors="replace")
+            self.pending = b""
 
-    @staticmethod
-    def visible_text(seq: Sequence) -> str:
+    def visible_text(self, finished: bool) -> str:
         """Text safe to show now: all of it when finished, else minus a possible stop prefix."""
-        if seq.is_finished or not seq.sampling_params.stop:
-            return seq.text
-        hold = max(len(s) for s in seq.sampling_params.stop) - 1
-        return seq.text[:max(len(seq.text) - hold, 0)]
+        if finished or not self.params.stop:
+            return self.text
+        hold = max(len(s) for s in self.params.stop) - 1
+        return self.text[:max(len(self.text) - hold, 0)]

@@ -3,15 +3,20 @@
     llm = LLM("runs/tiny", kv_cache_tokens=8192)
     outs = llm.generate(["a", "b"], SamplingParams(temperature=0.8, max_tokens=64, seed=0))
     outs[0].outputs[0].text; llm.stats(); llm.beam_search(["a"], beam_width=4, max_tokens=16)
+    llm.update_weights(policy)       # RL: new weights in place, prefix cache dropped
+    llm = LLM("runs/base", lora={"sql": "adapters/sql", "chat": "adapters/chat"})  # lora.py
+    llm.generate(prompts, params, lora_request=["sql", None, "chat"])   # one per prompt, None = base
 
 Every request is validated before any is queued, so a bad prompt fails the call at once
-instead of after the others have run.
+instead of after the others have run. A request that fails later, inside the engine (a
+fault while handling its tokens), comes back finished with `RequestOutput.error` set; the
+others are unaffected.
 """
 from __future__ import annotations
 
 from lmstack.infer.engine import LLMEngine, RequestError
 from lmstack.infer.outputs import RequestOutput
-from lmstack.infer.sampling import SamplingParams
+from lmstack.infer.sampling_params import SamplingParams
 from lmstack.utils.progress import progress
 
 
@@ -27,16 +32,25 @@ def normalize_prompts(prompts) -> list:
                        f"got {type(prompts).__name__}")
 
 
+def _per_prompt(value, n: int, what: str) -> list:
+    """One value for every prompt, or a list/tuple with one per prompt."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise RequestError(f"got {n} prompts but {len(value)} {what}; pass one {what} or one per prompt")
+        return list(value)
+    return [value] * n
+
+
 class LLM:
     def __init__(self, model, tokenizer=None, block_size: int = 16, kv_cache_tokens: int | None = None,
                  kv_cache_bytes: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, speculative: dict | None = None,
-                 device: str = "auto", dtype=None):
+                 device: str = "auto", dtype=None, lora: dict | None = None):
         self.engine = LLMEngine(model, tokenizer, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                                 kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching, speculative=speculative,
-                                device=device, dtype=dtype)
+                                device=device, dtype=dtype, lora=lora)
 
     @property
     def tokenizer(self):
@@ -46,23 +60,24 @@ class LLM:
     def model(self):
         return self.engine.model
 
+    @property
+    def lora_names(self) -> list[str]:
+        return self.engine.lora_names
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_request=None) -> list[RequestOutput]:
+        """`lora_request`: the adapter every prompt runs with (a name or a LoRARequest; None =
+        the base), or a list with one per prompt (vLLM's argument)."""
         prompts = normalize_prompts(prompts)
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompts):
-                raise RequestError(f"got {len(prompts)} prompts but {len(sampling_params)} SamplingParams; "
-                                   f"pass one SamplingParams or one per prompt")
-            params = list(sampling_params)
-        else:
-            params = [sampling_params] * len(prompts)
+        params = _per_prompt(sampling_params, len(prompts), "SamplingParams")
+        loras = _per_prompt(lora_request, len(prompts), "lora_request")
         checked = []
-        for i, (p, sp) in enumerate(zip(prompts, params)):
+        for i, (p, sp, lr) in enumerate(zip(prompts, params, loras)):
             try:
-                checked.append(self.engine.check_request(p, sp))
+                checked.append(self.engine.check_request(p, sp, lr))
             except RequestError as e:
                 raise RequestError(f"prompt {i}: {e}") from None
-        ids = [self.engine.add_request(None, checked=c) for c in checked]
+        ids = [self.engine.add_request(c) for c in checked]
         pending = set(ids)
         final: dict[str, RequestOutput] = {}
         bar = progress(total=len(ids), desc="generate", disable=None if use_tqdm else True)
@@ -85,6 +100,11 @@ class LLM:
         """Beam search (S's `beam_search.py`) on top of this engine's generate."""
         from lmstack.infer.beam_search import beam_search
         return beam_search(self, prompts, beam_width=beam_width, max_tokens=max_tokens, **kwargs)
+
+    def update_weights(self, weights) -> None:
+        """New weights in place (a state dict, possibly partial, or a module with the same
+        state-dict names); see `LLMEngine.update_weights`."""
+        self.engine.update_weights(weights)
 
     def stats(self) -> dict:
         return self.engine.stats()

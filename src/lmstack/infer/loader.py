@@ -4,15 +4,22 @@
 Hugging Face checkpoint folder (config.json + *.safetensors, tokenizer.json if present), or
 an in-memory `Transformer` (then pass `tokenizer=` for text prompts; token-id prompts work
 without one).
+
+A model's vocab may be larger than its tokenizer's: checkpoints pad the embedding to a
+multiple of 64 or 128 (fast matmuls) or reserve ids for later. Those ids can be sampled;
+they decode to no text (detokenizer.py). Loading such a model logs one warning.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from lmstack.utils import LmstackError
+
+log = logging.getLogger("lmstack.infer")
 
 
 def model_config(model: torch.nn.Module):
@@ -63,4 +70,13 @@ def load(model, tokenizer=None, device: torch.device | None = None, dtype: torch
     model.eval()
     if eos is None and tokenizer is not None and getattr(tokenizer, "eot_token", None) is not None:
         eos = tokenizer.eot_token
+    _check_vocab(model_config(model).vocab_size, tokenizer)
     return model, tokenizer, eos
+
+
+def _check_vocab(vocab_size: int, tokenizer) -> None:
+    n_vocab = getattr(tokenizer, "n_vocab", None)
+    if isinstance(n_vocab, int) and vocab_size > n_vocab:
+        log.warning("the model's vocab_size=%d is larger than its tokenizer's n_vocab=%d: ids %d..%d have no "
+                    "text and decode to nothing if sampled (a padded vocabulary)",
+                    vocab_size, n_vocab, n_vocab, vocab_size - 1)

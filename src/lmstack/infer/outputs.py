@@ -1,16 +1,34 @@
 """What `LLM.generate` and `AsyncLLM.generate` return (vLLM's output classes, same fields).
 
     RequestOutput(request_id, prompt, prompt_token_ids, outputs=[CompletionOutput ...],
-                  finished, num_cached_tokens, metrics)
-    CompletionOutput(index, text, token_ids, finish_reason, logprobs, cumulative_logprob)
+                  finished, num_cached_tokens, metrics, error, prompt_logprobs, lora_request)
+    CompletionOutput(index, text, token_ids, finish_reason, logprobs, cumulative_logprob, stop_reason)
     Logprob(logprob, rank, decoded_token)
 
 `CompletionOutput.logprobs` is None unless `SamplingParams.logprobs` was set; then one dict
-per generated token mapping token id -> Logprob, holding the chosen token and the top-k.
+per generated token mapping token id -> Logprob, holding the chosen token and the top-k
+(from the distribution `SamplingParams.logprobs_mode` names; alternatives the processing
+removed, with logprob -inf, are left out). `cumulative_logprob` is their sum (None without
+logprobs, as in vLLM).
+
+`RequestOutput.prompt_logprobs` is None unless `SamplingParams.prompt_logprobs` was set; then
+one entry per prompt token: None for the first token (nothing predicts it) and for tokens
+before `prompt_logprobs_start`, else a dict holding that prompt token's Logprob (log p(token |
+the tokens before it), raw) and the top-k at its position. Filled as the prompt is prefilled.
+
+Errors. A fault while handling one request (say its tokenizer raising on a sampled id)
+ends that request alone: `RequestOutput.error` holds the message ("ExcType: text"),
+`finished` is True, and its unfinished completions get `finish_reason="error"`. The other
+requests of the batch go on. A server maps `error is not None` to a 5xx (it is the
+engine's fault, not the client's: bad requests are refused earlier with `RequestError`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmstack.infer.lora import LoRARequest
 
 
 @dataclass
@@ -25,7 +43,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None   # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error" | None while running
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
     stop_reason: int | str | None = None   # the stop string or stop token id that ended it
@@ -44,3 +62,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0       # prompt tokens served from the prefix cache
     metrics: dict = field(default_factory=dict)   # arrival/ttft/itl/tokens_per_s ... (seconds)
+    error: str | None = None         # "ExcType: message" when a fault ended this request (-> HTTP 5xx)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None   # per prompt token; see above
+    lora_request: "LoRARequest | None" = None   # the adapter it ran with (infer/lora.py); None = the base

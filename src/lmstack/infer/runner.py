@@ -1,9 +1,15 @@
-"""The model runner: block tables -> index tensors -> one forward per group -> logits.
+"""The model runner: scheduled sequences -> rows -> index tensors -> one forward per group -> logits.
 
-Input per step is a list of rows, one per scheduled sequence: the token ids fed this step
-(a prefill chunk, a decode token, or a decode token plus draft tokens to verify), the
-position of the first one, the sequence's block table, and how many trailing positions need
-logits (0 for a prefill chunk that does not finish the prompt).
+`execute_model(scheduler_output)` turns each scheduled sequence into a row (`prepare`): the
+token ids fed this step (a prefill chunk, a decode token, or a decode token plus draft
+tokens to verify), the position of the first one, the sequence's block table (read from
+the block manager), and how many trailing positions need logits (0 for a prefill chunk
+that does not finish the prompt). `execute(rows)` runs any rows (the draft model's too).
+
+The model is any module following the KV-cache protocol; nothing here looks at its
+submodules, so LoRA-wrapped or quantized linears run as they are. Serving several adapters
+(infer/lora.py), the runner also tells the model which adapter each row uses: it sets the
+model's `LoRABatch` from the rows' `lora_id` around the forward.
 
 Rows go through the model padded to `(B, T)` with position -1 on padding. Padding is real
 compute on a CPU (every padded token runs through every MLP, every padded key slot through
@@ -20,8 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lmstack.infer.block_manager import BlockManager
 from lmstack.infer.paged_cache import PagedKVCache
+from lmstack.infer.scheduler import SchedulerOutput
 from lmstack.model import Transformer
+from lmstack.model.lora import LoRABatch
 
 
 @dataclass
@@ -30,6 +39,7 @@ class RunnerRow:
     start_pos: int             # position of token_ids[0]
     block_table: list[int]
     num_logits: int            # logits wanted for the last num_logits fed tokens
+    lora_id: int = 0           # the LoRA adapter this row runs with (0 = the base)
 
 
 def group_rows(lengths: list[int], contexts: list[int] | None = None, max_waste: float = 0.25,
@@ -61,11 +71,28 @@ def group_rows(lengths: list[int], contexts: list[int] | None = None, max_waste:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, block_manager: BlockManager,
+                 device: torch.device, lora: LoRABatch | None = None):
         self.model = model
+        self.lora = lora                       # the model's LoRABatch when it serves adapters
         self.cache = cache
+        self.block_manager = block_manager     # read-only here: block tables by seq id
         self.device = device
         self.block_size = cache.block_size
+
+    def prepare(self, out: SchedulerOutput) -> list[RunnerRow]:
+        """One row per scheduled sequence: its next uncomputed tokens (+ draft tokens)."""
+        rows = []
+        for s in out.scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            fed = seq.token_ids[start:start + s.num_new_tokens] + seq.spec_token_ids   # [last, d_1 .. d_k]
+            rows.append(RunnerRow(fed, start, self.block_manager.block_table(seq.seq_id), s.num_logits,
+                                  seq.lora_id))
+        return rows
+
+    def execute_model(self, out: SchedulerOutput) -> Tensor:
+        """Logits (sum of num_logits, V) float32 of the scheduled sequences, in schedule order."""
+        return self.execute(self.prepare(out), out.copies)
 
     @torch.inference_mode()
     def execute(self, rows: list[RunnerRow], copies: list[tuple[int, int]] = ()) -> Tensor:
@@ -122,7 +149,10 @@ class ModelRunner:
         # each row's last num_logits positions, in row order, as indices into the flat (B*T)
         pick = torch.tensor([b * T + lens[b] - k for b, r in enumerate(rows) for k in range(r.num_logits, 0, -1)],
                             dtype=torch.long, device=dev)
-        return self._logits_at(ids, positions, pick)
+        if self.lora is None:
+            return self._logits_at(ids, positions, pick)
+        with self.lora.rows([r.lora_id for r in rows], T, dev):
+            return self._logits_at(ids, positions, pick)
 
     def _logits_at(self, ids: Tensor, positions: Tensor, pick: Tensor) -> Tensor:
         """Logits (len(pick), V) at flat positions `pick` of the (B, T) batch.

@@ -19,10 +19,16 @@ logits processors, and the semantics of vLLM):
   so the most likely token always stays.
 * min-p drops tokens with p < min_p * p_max (Nguyen et al. 2024).
 
-Reported logprobs are `log_softmax` of the *penalized* logits: the model's distribution
-after the penalties the user asked for, before temperature and truncation. That keeps
-them comparable across temperatures (vLLM's default, "raw" logprobs, is the same apart
-from penalties) and is what beam search adds up.
+Reported logprobs follow `SamplingParams.logprobs_mode` (vLLM's names):
+
+* "raw_logprobs" (default): `log_softmax` of the *penalized* logits, the model's
+  distribution after the penalties the user asked for, before temperature and truncation.
+  Comparable across temperatures (vLLM's raw logprobs, apart from penalties); what beam
+  search adds up.
+* "processed_logprobs": `log_softmax` of exactly the logits the token is drawn from (after
+  min_tokens, temperature, top-k, top-p, min-p; tokens removed by truncation get -inf).
+  Greedy rows take no temperature or truncation, so theirs are the penalized, min_tokens-
+  blocked logits (as in vLLM). RL needs these: log pi(token) of the policy that sampled it.
 
 Per-request seeds: each seeded row draws its noise from its own `torch.Generator`
 ("exponential race": argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i),
@@ -36,12 +42,12 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from lmstack.infer.sampling import SamplingParams
+from lmstack.infer.sampling_params import SamplingParams
 
 
 class SamplerOutput(NamedTuple):
     token_ids: Tensor             # (B,) long     chosen token per row
-    logprobs: Tensor              # (B,) float32  log p(chosen) under the penalized distribution
+    logprobs: Tensor              # (B,) float32  log p(chosen) in the row's reported distribution
     ranks: Tensor                 # (B,) long     1-based rank of the chosen token in that distribution
     top_token_ids: Tensor | None  # (B, K) long   K = largest `logprobs` asked for in the batch; None if none
     top_logprobs: Tensor | None   # (B, K) float32, sorted descending
@@ -232,8 +238,10 @@ def sample(logits: Tensor, params_list: Sequence[SamplingParams],
     if generators is not None and len(generators) != B:
         raise ValueError(f"sample: {B} rows of logits but {len(generators)} generators")
     logits = penalized_logits(logits, params_list, prompt_token_ids, output_token_ids)
-    raw_logprobs = logits.log_softmax(dim=-1)                           # (B, V) reported distribution
+    reported = logits.log_softmax(dim=-1)                      # (B, V) raw logprobs
     logits = _block_early_stop(logits, params_list, output_token_ids, eos_token_id)
+    processed = [b for b, p in enumerate(params_list) if p.processed_logprobs]
+    drawn_from = logits.clone() if processed else None         # (B, V) the logits each row draws from
 
     token_ids = torch.empty(B, dtype=torch.long, device=logits.device)
     greedy = [b for b, p in enumerate(params_list) if p.greedy]
@@ -241,14 +249,28 @@ def sample(logits: Tensor, params_list: Sequence[SamplingParams],
     if greedy:
         token_ids[greedy] = logits[greedy].argmax(dim=-1)
     if rand:
-        probs = _truncate(logits[rand], [params_list[b] for b in rand]).softmax(dim=-1)
+        truncated = _truncate(logits[rand], [params_list[b] for b in rand])
         gens = [generators[b] for b in rand] if generators is not None else None
-        token_ids[rand] = random_sample(probs, gens)
+        token_ids[rand] = random_sample(truncated.softmax(dim=-1), gens)
+        if drawn_from is not None:
+            drawn_from[rand] = truncated
+    if processed:                                              # those rows report the processed distribution
+        reported[processed] = drawn_from[processed].log_softmax(dim=-1)
 
-    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1))             # (B, 1)
-    ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
+    chosen = reported.gather(1, token_ids.unsqueeze(1))        # (B, 1)
+    ranks = (reported > chosen).sum(dim=-1) + 1
     k = max((p.logprobs or 0) for p in params_list)
     top_ids = top_lp = None
     if k > 0:
-        top_lp, top_ids = raw_logprobs.topk(min(k, V), dim=-1)
+        top_lp, top_ids = reported.topk(min(k, V), dim=-1)     # may hold -inf in processed rows
+    return SamplerOutput(token_ids, chosen.squeeze(1), ranks, top_ids, top_lp)
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor, k: int = 0) -> SamplerOutput:
+    """Raw log-probabilities of given tokens (prompt scoring): logits (N, V), token_ids (N,)
+    -> each token's log_softmax value and rank at its row, and the row's top k."""
+    lp = logits.float().log_softmax(dim=-1)                    # (N, V)
+    chosen = lp.gather(1, token_ids.unsqueeze(1))              # (N, 1)
+    ranks = (lp > chosen).sum(dim=-1) + 1
+    top_lp, top_ids = lp.topk(min(k, lp.shape[1]), dim=-1) if k > 0 else (None, None)
     return SamplerOutput(token_ids, chosen.squeeze(1), ranks, top_ids, top_lp)

@@ -9,19 +9,22 @@ How it plugs into the step (engine.py):
   1. `prepare(decoding seqs)` before scheduling. n-gram: propose now (prompt lookup, S's
      ngram.py). Draft model: reserve k placeholder tokens, so the scheduler allocates KV
      slots (and does copy-on-write) for 1 + k tokens.
-  2. `propose(scheduled)` after scheduling (draft model only): the draft catches up on the
-     tokens it has not seen, then runs k - 1 single-token steps, writing its own K/V.
+  2. `propose(scheduler_output)` after scheduling (draft model only): the draft applies the
+     step's copy-on-writes to its cache, catches up on the tokens it has not seen, then
+     runs k - 1 single-token steps, writing its own K/V.
   3. The target runs [last token, d_1..d_k] and returns k + 1 rows of logits;
      `verify` keeps the longest accepted prefix plus one target token (S's rejection.py):
      greedy requests keep drafts equal to the target argmax, so the output is token for
      token the non-speculative one; sampled requests use rejection sampling, which keeps
      the target distribution exactly.
 
-The draft model has its own paged cache with the same block ids as the target's (same
-block tables, same copy-on-write), so it needs no bookkeeping of its own beyond
-`seq.draft_computed_tokens`: how many leading tokens have draft K/V. Prefix-cache hits
-do not carry draft K/V, so a sequence's first speculation prefills the draft from 0
-(rewriting shared blocks with the same values: harmless).
+A speculator is handed what it needs (the block manager, the context length, the EOS id,
+the target's vocab/device/dtype), not the engine. The draft model has its own paged cache
+with the same block ids as the target's (same block tables, read from the block manager,
+same copy-on-write), so its only bookkeeping is how many leading tokens of each sequence
+have draft K/V. Prefix-cache hits do not carry draft K/V, so a sequence's first
+speculation prefills the draft from 0 (rewriting shared blocks with the same values:
+harmless); so does its first speculation after a preemption.
 
 Adaptive draft length (`"adaptive"`, default on for a draft model, off for n-gram): a draft
 model that keeps missing costs a draft forward per guess and a wider verify every step for
@@ -37,13 +40,16 @@ at 0.96x with adaptation and 0.57x without; on stories, where it guesses 95%, 2.
 loses tokens (stories 1.72x adaptive vs 2.21x fixed): off by default there.
 
 Restrictions (documented, by design): only decoding sequences speculate (a sequence
-still prefilling does not); requests asking for logprobs do not speculate (drafts carry no
-logprobs); drafts are dropped for a step whose token budget cannot fit them all.
+still prefilling does not); requests asking for logprobs, raw or processed, do not
+speculate (drafts carry no logprobs): they decode one token per step, so their logprobs
+are exactly those of the plain path; drafts are dropped for a step whose token budget
+cannot fit them all.
 """
 from __future__ import annotations
 
 import torch
 
+from lmstack.infer.block_manager import BlockManager
 from lmstack.infer.ngram import NgramProposer
 from lmstack.infer.paged_cache import PagedKVCache
 from lmstack.infer.rejection import greedy_verify, rejection_sample
@@ -56,7 +62,9 @@ _KEYS = {"method", "num_speculative_tokens", "model", "prompt_lookup_max", "prom
 MAX_PAUSE = 32     # longest back-off, in steps, of an adaptive speculator whose drafts keep missing
 
 
-def make_speculator(spec: dict, engine) -> "Speculator":
+def make_speculator(spec: dict, *, block_manager: BlockManager, max_model_len: int, vocab_size: int,
+                    eos_token_id: int | None, device: torch.device, dtype: torch.dtype) -> "Speculator":
+    """Build the speculator `spec` asks for (see the module docstring for its keys)."""
     if not isinstance(spec, dict) or spec.get("method") not in ("ngram", "draft"):
         raise LmstackError(f"speculative={spec!r}: needs method 'ngram' or 'draft', e.g. "
                            f"{{'method': 'ngram', 'num_speculative_tokens': 4}}")
@@ -70,18 +78,21 @@ def make_speculator(spec: dict, engine) -> "Speculator":
     if not isinstance(adaptive, bool):
         raise LmstackError(f"speculative adaptive={adaptive!r} must be true or false")
     if spec["method"] == "ngram":
-        return NgramSpeculator(engine, k, adaptive, spec.get("prompt_lookup_max", 4), spec.get("prompt_lookup_min", 1))
+        return NgramSpeculator(k, adaptive, max_model_len, eos_token_id,
+                               spec.get("prompt_lookup_max", 4), spec.get("prompt_lookup_min", 1))
     if "model" not in spec:
         raise LmstackError("speculative method 'draft' needs 'model': a run dir, HF folder or Transformer")
-    return DraftSpeculator(engine, k, adaptive, spec["model"])
+    return DraftSpeculator(k, adaptive, max_model_len, eos_token_id, spec["model"], block_manager,
+                           vocab_size, device, dtype)
 
 
 class Speculator:
     method = ""
 
-    def __init__(self, engine, k: int, adaptive: bool):
-        self.engine = engine
+    def __init__(self, k: int, adaptive: bool, max_model_len: int, eos_token_id: int | None):
         self.k = k
+        self.max_model_len = max_model_len
+        self.eos_token_id = eos_token_id
         self.adaptive = adaptive
         self.proposed = self.accepted = self.steps = self.paused_steps = 0
         self._look: dict[int, list[int]] = {}     # seq_id -> [lookahead, consecutive misses, pause left]
@@ -101,7 +112,7 @@ class Speculator:
                 return 0
             k = look[0]
         left = (p.max_tokens if p.max_tokens is not None else 1 << 30) - seq.num_output_tokens
-        return max(0, min(k, left - 1, self.engine.max_model_len - len(seq) - 1))
+        return max(0, min(k, left - 1, self.max_model_len - len(seq) - 1))
 
     def _adapt(self, seq: Sequence, proposed: int, accepted: int) -> None:
         look = self._look.get(seq.seq_id)
@@ -118,19 +129,17 @@ class Speculator:
 
     def prepare(self, seqs: list[Sequence]) -> None: ...
 
-    def propose(self, scheduled) -> None: ...
-
-    def copy_blocks(self, copies) -> None: ...
+    def propose(self, out) -> None: ...
 
     def draft_probs(self, seq: Sequence):
         return None
 
     def verify(self, seq: Sequence, drafts: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
         """logits (k+1, V) of the target at [last, d_1..d_k] -> (tokens to append, num accepted)."""
-        eng, p, k = self.engine, seq.sampling_params, len(drafts)
+        p, k = seq.sampling_params, len(drafts)
         outs = [seq.output_token_ids + drafts[:j] for j in range(k + 1)]
         probs = sampling_probs(logits, [p] * (k + 1), prompt_token_ids=[seq.prompt_token_ids] * (k + 1),
-                               output_token_ids=outs, eos_token_id=eng.eos_token_id)     # (k+1, V)
+                               output_token_ids=outs, eos_token_id=self.eos_token_id)    # (k+1, V)
         if p.greedy:
             tokens, n = greedy_verify(probs.argmax(dim=-1), drafts)
         else:
@@ -155,8 +164,9 @@ class Speculator:
 class NgramSpeculator(Speculator):
     method = "ngram"
 
-    def __init__(self, engine, k: int, adaptive: bool, n_max: int, n_min: int):
-        super().__init__(engine, k, adaptive)
+    def __init__(self, k: int, adaptive: bool, max_model_len: int, eos_token_id: int | None, n_max: int,
+                 n_min: int):
+        super().__init__(k, adaptive, max_model_len, eos_token_id)
         self.proposer = NgramProposer(n_max=n_max, n_min=n_min, num_speculative_tokens=k)
 
     def prepare(self, seqs: list[Sequence]) -> None:
@@ -168,51 +178,57 @@ class NgramSpeculator(Speculator):
 class DraftSpeculator(Speculator):
     method = "draft"
 
-    def __init__(self, engine, k: int, adaptive: bool, model):
-        super().__init__(engine, k, adaptive)
+    def __init__(self, k: int, adaptive: bool, max_model_len: int, eos_token_id: int | None, model,
+                 block_manager: BlockManager, vocab_size: int, device: torch.device, dtype: torch.dtype):
+        super().__init__(k, adaptive, max_model_len, eos_token_id)
         from lmstack.infer import loader
-        dtype = next(engine.model.parameters()).dtype
-        draft, _, _ = loader.load(model, None, engine.device, dtype)
+        draft, _, _ = loader.load(model, None, device, dtype)
         cfg = loader.model_config(draft)
-        if cfg.vocab_size != engine.vocab_size:
+        if cfg.vocab_size != vocab_size:
             raise LmstackError(f"draft model vocab_size={cfg.vocab_size} differs from the target's "
-                               f"{engine.vocab_size}; the draft must share the target's tokenizer")
-        if cfg.context_length < engine.max_model_len:
+                               f"{vocab_size}; the draft must share the target's tokenizer")
+        if cfg.context_length < max_model_len:
             raise LmstackError(f"draft model context_length={cfg.context_length} is shorter than the target's "
-                               f"{engine.max_model_len}")
-        bm = engine.block_manager
+                               f"{max_model_len}")
+        self.block_manager = bm = block_manager     # read-only: the target's block tables
         self.cache = PagedKVCache(cfg.n_layer, bm.num_blocks, bm.block_size, cfg.n_kv_head, cfg.head_dim,
-                                  dtype, engine.device)
-        self.runner = ModelRunner(draft, self.cache, engine.device)
+                                  dtype, device)
+        self.runner = ModelRunner(draft, self.cache, bm, device)
         self._q: dict[int, torch.Tensor] = {}     # seq_id -> (k, V) draft distributions (sampled requests)
+        # seq_id -> (its num_preemptions then, leading tokens with draft K/V): a preemption
+        # frees the blocks, so an entry from before the sequence's latest one counts as 0
+        self._done: dict[int, tuple[int, int]] = {}
+
+    def _draft_computed(self, seq: Sequence) -> int:
+        mark, n = self._done.get(seq.seq_id, (-1, 0))
+        return n if mark == seq.num_preemptions else 0
 
     def prepare(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             seq.spec_token_ids = [0] * self._budget(seq)      # placeholders: reserve KV slots
 
-    def copy_blocks(self, copies) -> None:
-        self.cache.copy_blocks(list(copies))
-
-    def propose(self, scheduled) -> None:
-        seqs = [s.seq for s in scheduled if s.seq.spec_token_ids]
+    def propose(self, out) -> None:
+        self.cache.copy_blocks(list(out.copies))      # the target's copy-on-writes, in the draft's cache
+        seqs = [s.seq for s in out.scheduled if s.seq.spec_token_ids]
         if not seqs:
             return
         ks = {seq.seq_id: len(seq.spec_token_ids) for seq in seqs}
         for seq in seqs:
             seq.spec_token_ids = []
         # catch-up: feed every token the draft has not seen; its last logits give d_1
-        rows = [RunnerRow(seq.token_ids[seq.draft_computed_tokens:], seq.draft_computed_tokens, seq.block_table, 1)
-                for seq in seqs]
+        table = self.block_manager.block_table
+        starts = [self._draft_computed(seq) for seq in seqs]
+        rows = [RunnerRow(seq.token_ids[n:], n, table(seq.seq_id), 1) for seq, n in zip(seqs, starts)]
         qs: dict[int, list[torch.Tensor]] = {seq.seq_id: [] for seq in seqs}
         for seq in seqs:
-            seq.draft_computed_tokens = len(seq)
+            self._done[seq.seq_id] = (seq.num_preemptions, len(seq))
         active = seqs
         while active:
             logits = self.runner.execute(rows)                                          # (len(active), V)
             for seq, row_logits in zip(active, logits):
                 seq.spec_token_ids.append(self._draw(seq, row_logits, qs[seq.seq_id]))
             active = [s for s in active if len(s.spec_token_ids) < ks[s.seq_id]]
-            rows = [RunnerRow([s.spec_token_ids[-1]], len(s) + len(s.spec_token_ids) - 1, s.block_table, 1)
+            rows = [RunnerRow([s.spec_token_ids[-1]], len(s) + len(s.spec_token_ids) - 1, table(s.seq_id), 1)
                     for s in active]
         for seq in seqs:
             if qs[seq.seq_id]:
@@ -224,7 +240,7 @@ class DraftSpeculator(Speculator):
             return int(logits.argmax())
         q = sampling_probs(logits[None], [p], prompt_token_ids=[seq.prompt_token_ids],
                            output_token_ids=[seq.output_token_ids + seq.spec_token_ids],
-                           eos_token_id=self.engine.eos_token_id)[0]
+                           eos_token_id=self.eos_token_id)[0]
         q_rows.append(q)
         return int(random_sample(q[None], [seq.generator] if seq.generator is not None else None)[0])
 
@@ -235,9 +251,10 @@ class DraftSpeculator(Speculator):
         before = len(seq)
         tokens, n = super().verify(seq, drafts, logits)
         # draft K/V is valid for the original tokens and the accepted drafts it was fed (d_1..d_{k-1})
-        seq.draft_computed_tokens = before + min(n, len(drafts) - 1)
+        self._done[seq.seq_id] = (seq.num_preemptions, before + min(n, len(drafts) - 1))
         return tokens, n
 
     def release(self, seq: Sequence) -> None:
         super().release(seq)
         self._q.pop(seq.seq_id, None)
+        self._done.pop(seq.seq_id, None)

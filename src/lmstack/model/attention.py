@@ -1,4 +1,5 @@
-"""Self-attention: the one code path for training, contiguous-cache and paged-cache inference.
+"""Attention: the one self-attention code path for training, contiguous-cache and paged-cache
+inference, and the cross-attention an encoder-decoder's decoder adds.
 
     q, k, v projections -> QK-norm -> RoPE by explicit positions -> cache.update (if a cache)
     -> mask from query positions vs key positions -> SDPA (or the explicit math path)
@@ -10,7 +11,14 @@ visible to query t iff k_pos >= 0 and, per `mask`,
     prefix         k_pos <= q_pos  or  k_pos < prefix_len of the row
 and with a sliding window W also |q_pos - k_pos| < W. Padding queries (q_pos = -1) see every
 slot so no softmax row is empty (their outputs are discarded). ALiBi adds
--slope_h * |q_pos - k_pos| to the scores.
+-slope_h * |q_pos - k_pos| to the scores; T5's relative bias adds a learned
+table[h, bucket(k_pos - q_pos)] (positions.py).
+
+Cross-attention (CrossAttention): queries from the decoder, keys and values from the
+encoder's output, projected once per request (`EncoderMemory`: the encoder-decoder fills its
+per-layer K/V when it encodes, and generation reuses them every step). Every encoder slot
+whose position is >= 0 is visible to every decoder query (the encoder's padding mask); there
+is no position bias across the two sequences.
 
 Training with no cache and a plain causal mask takes the `is_causal=True` fast path of
 `F.scaled_dot_product_attention` (no mask tensor at all). `attention_math` is the explicit
@@ -31,6 +39,24 @@ from lmstack.model.positions import alibi_slopes, apply_rope
 
 
 @dataclass
+class EncoderMemory:
+    """What the decoder's cross-attention reads: the encoder's output, projected once.
+
+    positions (B, S) long: the encoder's token positions, -1 = padding (never attended)
+    kv: per decoder layer, (k, v) each (B, n_kv_head, S, head_dim)
+    hidden (B, S, C): the encoder's final hidden states (what kv was projected from)."""
+    positions: Tensor
+    kv: list[tuple[Tensor, Tensor]]
+    hidden: Tensor
+
+    def repeat_interleave(self, n: int) -> "EncoderMemory":
+        """Each row repeated n times in place (row b -> rows b*n .. b*n+n-1): one copy per beam."""
+        return EncoderMemory(self.positions.repeat_interleave(n, 0),
+                             [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv],
+                             self.hidden.repeat_interleave(n, 0))
+
+
+@dataclass
 class AttnContext:
     """Everything the attention layers of one forward share (built once by the Transformer)."""
     positions: Tensor                       # (B, T) long, -1 = padding
@@ -43,9 +69,12 @@ class AttnContext:
     window: int | None = None
     prefix_lens: Tensor | None = None       # (B,) long, mask="prefix"
     slopes: Tensor | None = None            # (H,) ALiBi slopes, or None
+    rel_bias: nn.Module | None = None       # RelativePositionBias: (q_pos, k_pos) -> (B, H, T, S)
+    memory: EncoderMemory | None = None     # the encoder's output, for cross-attention
     record: list | None = None              # introspect(): attention probs are appended here
     _mask_key: tuple | None = field(default=None, repr=False)
     _mask: Tensor | None = field(default=None, repr=False)
+    _cross_mask: tuple[Tensor | None] | None = field(default=None, repr=False)   # (mask,) once built
 
     def mask_for(self, k_pos: Tensor, dtype: torch.dtype) -> Tensor | None:
         """The mask for keys at k_pos (B, S): bool (B, 1, T, S), float (B, H, T, S) with ALiBi,
@@ -55,18 +84,27 @@ class AttnContext:
         key = (k_pos.data_ptr(), tuple(k_pos.shape), k_pos.stride(), dtype)
         if key != self._mask_key:
             self._mask = build_mask(self.positions, k_pos, self.mask_kind, self.window, self.prefix_lens,
-                                    self.slopes, dtype)
+                                    self.slopes, dtype, self.rel_bias)
             self._mask_key = key
         return self._mask
+
+    def cross_mask(self) -> Tensor | None:
+        """(B, 1, T, S) bool: encoder slots visible to the decoder's queries (None: all are)."""
+        if self._cross_mask is None:
+            enc_pos = self.memory.positions
+            padded = bool((enc_pos < 0).any())
+            self._cross_mask = (build_mask(self.positions, enc_pos, "bidirectional") if padded else None,)
+        return self._cross_mask[0]
 
 
 def build_mask(q_pos: Tensor, k_pos: Tensor, kind: str, window: int | None = None,
                prefix_lens: Tensor | None = None, slopes: Tensor | None = None,
-               dtype: torch.dtype = torch.float32) -> Tensor:
+               dtype: torch.dtype = torch.float32, rel_bias: nn.Module | None = None) -> Tensor:
     """Visibility of keys at k_pos (B, S) to queries at q_pos (B, T).
 
-    Returns bool (B, 1, T, S) (True = may attend), or, when ALiBi slopes (H,) are given, an
-    additive float mask (B, H, T, S) with -inf where not visible."""
+    Returns bool (B, 1, T, S) (True = may attend), or, when ALiBi slopes (H,) or a relative
+    bias (a module (q_pos, k_pos) -> (B, H, T, S)) are given, an additive float mask
+    (B, H, T, S) with -inf where not visible."""
     qp = q_pos[:, :, None]      # (B, T, 1)
     kp = k_pos[:, None, :]      # (B, 1, S)
     visible = kp >= 0
@@ -80,6 +118,8 @@ def build_mask(q_pos: Tensor, k_pos: Tensor, kind: str, window: int | None = Non
     if window is not None:
         visible = visible & ((qp - kp).abs() < window)
     visible = (visible | (qp < 0)).unsqueeze(1)  # padding queries see every slot
+    if rel_bias is not None:
+        return rel_bias(q_pos, k_pos).float().masked_fill(~visible, float("-inf")).to(dtype)
     if slopes is None:
         return visible
     dist = (qp - kp).abs().unsqueeze(1).to(torch.float32)               # (B, 1, T, S)
@@ -115,7 +155,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.dropout = cfg.dropout
+        self.dropout, self.scale = cfg.dropout, cfg.attn_scale     # scale None = 1/sqrt(head_dim)
         # q, k and v in one matmul: rows [q (H*D) | k (KV*D) | v (KV*D)]
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
@@ -145,15 +185,58 @@ class Attention(nn.Module):
             if k.dtype != q.dtype:  # e.g. a float32 cache under bf16 autocast
                 k, v = k.to(q.dtype), v.to(q.dtype)
         mask = ctx.mask_for(k_pos, q.dtype)
-        dropout_p = self.dropout if self.training else 0.0
-        if ctx.record is not None:
-            y, probs = attention_math(q, k, v, mask, is_causal=ctx.causal_fast, dropout_p=dropout_p)
-            ctx.record.append(probs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=ctx.causal_fast, enable_gqa=KV != H)
-        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        y = _attend(q, k, v, mask, ctx, self.dropout if self.training else 0.0, self.scale, ctx.causal_fast)
         return self.proj(y)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: AttnContext, dropout_p: float,
+            scale: float | None, is_causal: bool = False) -> Tensor:
+    """SDPA (or the recording math path) -> (B, T, H*D)."""
+    B, H, T, D = q.shape
+    if ctx.record is not None:
+        y, probs = attention_math(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale)
+        ctx.record.append(probs)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                           scale=scale, enable_gqa=k.shape[1] != H)
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries attend to the encoder's output (every non-padding encoder slot).
+
+    `q` projects the decoder's stream; `kv` (rows [k | v]) projects the encoder's output and is
+    applied once per request by `project_memory`, not at every decoding step."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout, self.scale = cfg.dropout, cfg.attn_scale
+        self.q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+
+    def project_memory(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder's output (B, S, C) -> this layer's k, v, each (B, n_kv_head, S, head_dim)."""
+        B, S, _ = hidden.shape
+        k, v = self.kv(hidden).view(B, S, 2 * self.n_kv_head, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        return k, v
+
+    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
+        if ctx.memory is None:
+            raise ValueError("cross-attention needs the encoder's output: call the EncoderDecoder with input_ids "
+                             "and decoder_input_ids (or decode() with the EncoderMemory that encode() returns)")
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k, v = ctx.memory.kv[self.layer_idx]                                     # (B, KV, S, D)
+        if k.shape[0] != B:
+            raise ValueError(f"the encoder's output has {k.shape[0]} rows but the decoder input has {B}; "
+                             f"give each decoder row its encoder row (repeat_interleave for beams)")
+        if k.dtype != q.dtype:   # memory projected outside autocast
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        return self.proj(_attend(q, k, v, ctx.cross_mask(), ctx, self.dropout if self.training else 0.0,
+                                 self.scale))
 
 
 def make_slopes(cfg: ModelConfig) -> Tensor | None:

@@ -72,6 +72,10 @@ class ContiguousKVCache:
         S = self.length
         return self.k[layer_idx, :, :, :S], self.v[layer_idx, :, :, :S], self.pos[:, :S]
 
+    def reorder(self, rows: Tensor) -> None:
+        """Row i now holds what row rows[i] held (beam search: each beam continues its parent)."""
+        self.k, self.v, self.pos = self.k[:, rows], self.v[:, rows], self.pos[rows]
+
     def reset(self) -> None:
         self.pos.fill_(-1)
         self.length = 0

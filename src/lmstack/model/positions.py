@@ -12,13 +12,16 @@ its output is discarded by the caller).
   position interpolation and Llama-3.1 frequency scaling.
 - alibi_slopes: ALiBi (Press et al. 2022) per-head slopes; the bias itself,
   slope * (k_pos - q_pos), is built with the mask in attention.py.
+- RelativePositionBias: T5's (Raffel et al. 2020) learned scalar per head and bucket of the
+  relative position k_pos - q_pos, added to the attention scores. One table per stack,
+  read by every layer of that stack.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmstack.model.config import ModelConfig
 
@@ -114,3 +117,48 @@ def alibi_slopes(n_head: int) -> Tensor:
     if p < n_head:
         slopes += geometric(2 * p)[0::2][: n_head - p]
     return torch.tensor(slopes, dtype=torch.float32)
+
+
+def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+    """T5's bucket of each relative position rel = k_pos - q_pos (any shape, long -> long).
+
+    Bidirectional: half the buckets for keys after the query (rel > 0), half for keys at or
+    before it. Unidirectional (causal): keys after the query all share bucket 0, the rest are
+    bucketed by how far back they lie. Within a direction, the first half of the n buckets are
+    the exact distances 0 .. n/2 - 1; the other half cover distances n/2 .. max_distance on a
+    log scale, and every distance beyond max_distance falls in the last bucket."""
+    bucket = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (rel > 0).long() * num_buckets
+        dist = rel.abs()
+    else:
+        dist = (-rel).clamp(min=0)                   # how far back; future keys -> 0
+    exact = num_buckets // 2
+    # clamp before the log: dist 0 would give -inf (it takes the exact branch anyway)
+    log_ratio = torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
+    return bucket + torch.where(dist < exact, dist, far)
+
+
+class RelativePositionBias(nn.Module):
+    """(num_buckets, n_head) learned table -> attention bias (B, n_head, T, S) from positions.
+
+    The bias depends on positions only, so it is computed once per forward from the query and
+    key positions (a KV cache's k_pos included) and shared by every layer of the stack."""
+
+    def __init__(self, n_head: int, num_buckets: int, max_distance: int, bidirectional: bool,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.randn(num_buckets, n_head) * init_std)
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """q_pos (B, T), k_pos (B, S) long -> (B, H, T, S) in the table's dtype."""
+        rel = k_pos[:, None, :] - q_pos[:, :, None]                            # (B, T, S)
+        bucket = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.weight[bucket].permute(0, 3, 1, 2)                         # (B, T, S, H) -> (B, H, T, S)
+
+    def extra_repr(self) -> str:
+        return (f"buckets={self.num_buckets}, heads={self.weight.shape[1]}, max_distance={self.max_distance}, "
+                f"bidirectional={self.bidirectional}")

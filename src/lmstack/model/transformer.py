@@ -1,5 +1,10 @@
 """The one Transformer: token (+ position) embeddings, n_layer Blocks, final norm, LM head.
 
+It is the decoder-only model (arch="decoder") and the base of the other two architecture
+types, which add only what their topology adds (STYLE.md §1, §13): `Encoder` (encoder.py)
+its masked-LM head, pooling and classifier; `EncoderDecoder` (encoder_decoder.py) an encoder
+stack, while this class's own blocks, built with cross-attention, become the decoder.
+
     model = Transformer(ModelConfig.preset("tiny"))
     logits = model(ids)                                   # (B, T) -> (B, T, vocab_size)
     logits = model(ids, positions=pos, cache=kv)          # incremental decoding, see cache.py
@@ -17,29 +22,39 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.model.attention import Attention, AttnContext, make_slopes
-from lmstack.model.config import ModelConfig
+from lmstack.model import checkpoint
+from lmstack.model.attention import Attention, AttnContext, CrossAttention, EncoderMemory, make_slopes
+from lmstack.model.config import ConfigError, ModelConfig, check_arch
 from lmstack.model.layers import MLP, make_norm
 from lmstack.model.moe import MoE, load_balancing_loss, router_z_loss
-from lmstack.model.positions import RotaryEmbedding, sinusoidal_embedding
+from lmstack.model.positions import RelativePositionBias, RotaryEmbedding, sinusoidal_embedding
 from lmstack.utils import LmstackError
 
 
 class Block(nn.Module):
-    """Attention and MLP sublayers, each with a residual connection.
+    """Self-attention and MLP sublayers (and, in an encoder-decoder's decoder, cross-attention
+    between them), each with a residual connection.
 
-    pre-norm:  x = x + attn(norm1(x));  x = x + mlp(norm2(x))
-    post-norm: x = norm1(x + attn(x));  x = norm2(x + mlp(x))     (the original Add & Norm)
+    pre-norm:  x = x + attn(norm1(x));  [x = x + cross(norm_c(x))];  x = x + mlp(norm2(x))
+    post-norm: x = norm1(x + attn(x));  [x = norm_c(x + cross(x))];  x = norm2(x + mlp(x))
+    (post-norm is the original Add & Norm)
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, cross_attention: bool = False):
         super().__init__()
+        if cross_attention and not cfg.cross_attention:
+            raise ConfigError(f"a Block with cross-attention needs an encoder to attend to, and arch={cfg.arch!r} "
+                              f"has none; set arch='encoder-decoder'")
         self.pre_norm = cfg.norm_placement == "pre"
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
+        if cross_attention:
+            self.cross_norm = make_norm(cfg)
+            self.cross_attn = CrossAttention(cfg, layer_idx)
+        else:
+            self.cross_attn = None
         self.mlp_norm = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.n_expert else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -47,9 +62,34 @@ class Block(nn.Module):
     def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
         if self.pre_norm:
             x = x + self.drop(self.attn(self.attn_norm(x), ctx))
+            if self.cross_attn is not None:
+                x = x + self.drop(self.cross_attn(self.cross_norm(x), ctx))
             return x + self.drop(self.mlp(self.mlp_norm(x)))
         x = self.attn_norm(x + self.drop(self.attn(x, ctx)))
+        if self.cross_attn is not None:
+            x = self.cross_norm(x + self.drop(self.cross_attn(x, ctx)))
         return self.mlp_norm(x + self.drop(self.mlp(x)))
+
+
+def relative_bias(cfg: ModelConfig, bidirectional: bool) -> RelativePositionBias | None:
+    """A stack's relative-position table (pos_emb="relative"), or None."""
+    if cfg.pos_emb != "relative":
+        return None
+    return RelativePositionBias(cfg.n_head, cfg.rel_num_buckets, cfg.rel_max_distance, bidirectional, cfg.init_std)
+
+
+def positions_from_mask(attention_mask: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A Hugging Face style attention_mask (B, T) of 1 (token) / 0 (padding) -> positions
+    (B, T): 0..T-1 where there is a token, -1 at padding (never attended). Tokens keep their
+    index as position whichever side the padding is on, as Hugging Face's BERT and T5 do."""
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(shape)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    if not torch.compiler.is_compiling() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold 1 (attend) and 0 (padding) only")
+    T = shape[1]
+    pos = torch.arange(T, device=attention_mask.device).expand(shape)
+    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1))
 
 
 def _check_logits_indices(idx: Tensor, n_positions: int) -> None:
@@ -62,24 +102,34 @@ def _check_logits_indices(idx: Tensor, n_positions: int) -> None:
 
 
 class Transformer(nn.Module):
+    ARCH = "decoder"   # the ModelConfig.arch this class builds (subclasses: their own)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        check_arch(cfg, self.ARCH, type(self).__name__)
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.context_length, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.wtt = nn.Embedding(cfg.n_token_types, cfg.n_embd) if cfg.n_token_types else None  # token types
+        self.norm_emb = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, cross_attention=cfg.cross_attention) for i in range(cfg.n_layer))
         # post-norm blocks end in a norm already; pre-norm needs one before the head
         self.norm_f = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
+        self.rel_bias = relative_bias(cfg, bidirectional=cfg.mask != "causal")
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg) if cfg.pos_emb == "rope" else None
-        self.apply(self._init_weights)
-        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):  # attn.proj, mlp.proj, experts' proj
-                nn.init.normal_(p, mean=0.0, std=resid_std)
+        self._init_params(self, cfg.n_layer)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+
+    def _init_params(self, module: nn.Module, n_layer: int) -> None:
+        """GPT-2's init of `module`'s linears and embeddings (see the file's docstring)."""
+        module.apply(self._init_weights)
+        resid_std = self.config.init_std / math.sqrt(2 * n_layer)
+        for name, p in module.named_parameters():
+            if name.endswith("proj.weight"):  # attn.proj, cross_attn.proj, mlp.proj, experts' proj
+                nn.init.normal_(p, mean=0.0, std=resid_std)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -105,6 +155,10 @@ class Transformer(nn.Module):
         few positions of a long prefill, and with a large vocabulary the head over every
         position can cost more than all the blocks."""
         x, ctx = self._embed(ids, positions, cache, prefix_lens)              # checks ids first
+        return self._run_blocks(x, ctx, logits_indices)
+
+    def _run_blocks(self, x: Tensor, ctx: AttnContext, logits_indices: Tensor | None) -> Tensor:
+        """The blocks, then the head (at logits_indices only, when given)."""
         B, T, C = x.shape
         if logits_indices is not None:  # before the blocks run: fail before the work
             _check_logits_indices(logits_indices, B * T)
@@ -112,10 +166,20 @@ class Transformer(nn.Module):
             x = block(x, ctx)
         if logits_indices is not None:
             x = x.reshape(B * T, C).index_select(0, logits_indices)               # (N, C)
-        return self.lm_head(self.norm_f(x))
+        return self.logits(self.norm_f(x))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final hidden states (after norm_f) (..., C) -> (..., vocab_size)."""
+        if self.config.scale_head:  # T5: a tied head reads h / sqrt(n_embd)
+            h = h * self.config.n_embd ** -0.5
+        return self.lm_head(h)
 
     def _embed(self, ids: Tensor, positions: Tensor | None, cache, prefix_lens: Tensor | None,
-               record: list | None = None) -> tuple[Tensor, AttnContext]:
+               record: list | None = None, *, token_type_ids: Tensor | None = None,
+               memory: EncoderMemory | None = None, encoder: nn.Module | None = None) -> tuple[Tensor, AttnContext]:
+        """Check the inputs, embed them, and build the attention context of one stack's forward:
+        this model's own blocks, or the `encoder` stack of an encoder-decoder (bidirectional,
+        its own relative-bias table) when given. `memory`: what cross-attention reads."""
         cfg = self.config
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"ids must be a (B, T) integer tensor, got {tuple(ids.shape)} of {ids.dtype}")
@@ -145,21 +209,36 @@ class Transformer(nn.Module):
                 raise LmstackError(f"prefix_lens given but mask={cfg.mask!r}; build the model with mask='prefix'")
             if prefix_lens.shape != (B,):
                 raise ValueError(f"prefix_lens must have shape ({B},), got {tuple(prefix_lens.shape)}")
+        if token_type_ids is not None:
+            if self.wtt is None:
+                raise LmstackError("token_type_ids given but the model has n_token_types=0 (no segment embeddings)")
+            if token_type_ids.shape != (B, T):
+                raise ValueError(f"token_type_ids must have the shape of ids {(B, T)}, got "
+                                 f"{tuple(token_type_ids.shape)}")
+            if checking and token_type_ids.numel() and not 0 <= int(token_type_ids.min()) <= \
+                    int(token_type_ids.max()) < cfg.n_token_types:
+                raise LmstackError(f"token_type_ids must lie in [0, n_token_types={cfg.n_token_types})")
 
         x = self.wte(ids)                                                   # (B, T, C)
         if cfg.pos_emb == "learned":
             x = x + self.wpe(positions.clamp(min=0))
         elif cfg.pos_emb == "sinusoidal":
             x = x + sinusoidal_embedding(positions, cfg.n_embd).to(x.dtype)
+        if self.wtt is not None:  # BERT's segments; type 0 when not given, as Hugging Face does
+            x = x + (self.wtt(token_type_ids) if token_type_ids is not None else self.wtt.weight[0])
+        if self.norm_emb is not None:
+            x = self.norm_emb(x)
         x = self.drop(x)
 
-        no_extra = cache is None and default_positions and cfg.pos_emb != "alibi" and \
+        mask = "bidirectional" if encoder is not None else cfg.mask
+        rel_bias = (self if encoder is None else encoder).rel_bias
+        no_extra = cache is None and default_positions and cfg.pos_emb not in ("alibi", "relative") and \
             (cfg.sliding_window is None or cfg.sliding_window >= T)
         ctx = AttnContext(
-            positions=positions, cache=cache, mask_kind=cfg.mask, window=cfg.sliding_window,
-            prefix_lens=prefix_lens, slopes=make_slopes(cfg), record=record,
-            causal_fast=no_extra and (cfg.mask == "causal" or (cfg.mask == "prefix" and prefix_lens is None)),
-            no_mask=no_extra and cfg.mask == "bidirectional")
+            positions=positions, cache=cache, mask_kind=mask, window=cfg.sliding_window,
+            prefix_lens=prefix_lens, slopes=make_slopes(cfg), rel_bias=rel_bias, memory=memory, record=record,
+            causal_fast=no_extra and (mask == "causal" or (mask == "prefix" and prefix_lens is None)),
+            no_mask=no_extra and mask == "bidirectional")
         if self.rope is not None:
             ctx.cos, ctx.sin = self.rope.cos_sin(positions, x.dtype if x.is_floating_point() else torch.float32)
         if torch.is_autocast_enabled(x.device.type) and ctx.cos is not None:
@@ -184,11 +263,11 @@ class Transformer(nn.Module):
             x = block(x, ctx)
             hidden.append(x)
         hidden[-1] = self.norm_f(x)
-        return {"attentions": record, "hidden_states": hidden, "logits": self.lm_head(hidden[-1])}
+        return {"attentions": record, "hidden_states": hidden, "logits": self.logits(hidden[-1])}
 
     # ---- MoE -----------------------------------------------------------------------
     def _moe_layers(self) -> list[MoE]:
-        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+        return [m for m in self.modules() if isinstance(m, MoE)]   # every stack's, in model order
 
     def aux_loss(self) -> Tensor:
         """Weighted MoE auxiliary loss of the last forward (0 for a dense model): a 0-dim tensor
@@ -245,15 +324,14 @@ class Transformer(nn.Module):
     # ---- checkpoints ---------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         """Write path/model.safetensors + path/config.json (other files in path are kept)."""
-        from lmstack.model.checkpoint import save_pretrained
-        save_pretrained(self, path)
+        checkpoint.save_pretrained(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None) -> "Transformer":
-        """Load our checkpoint folder or a Hugging Face one (config.json with `model_type`)."""
-        from lmstack.model.checkpoint import load_pretrained
-        return load_pretrained(path, device=device, dtype=dtype)
+        """Load our checkpoint folder or a Hugging Face one (config.json with `model_type`).
+        The sizes config.json declares are checked against the weights before building."""
+        return checkpoint.load_pretrained(path, cls, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"params={self.num_params():,}"

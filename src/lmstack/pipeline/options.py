@@ -99,9 +99,26 @@ def check_nested(opts: RunOptions) -> None:
     # Build both configs once now, so a bad value (an unknown preset, heads that do not divide the
     # width, an unknown schedule) fails here and not after the corpus and tokenizer are built.
     try:
-        ModelConfig.preset(opts.model, **{"vocab_size": opts.vocab_size, **opts.model_config})
+        mcfg = ModelConfig.preset(opts.model, **{"vocab_size": opts.vocab_size, **opts.model_config})
         TrainConfig(data=None, out=opts.out_dir, model=opts.model, max_steps=opts.max_steps,
                     batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr, seed=opts.seed,
                     device=opts.device, **opts.train_config)
     except (ValueError, TypeError) as e:
         raise LmstackError(str(e)) from None
+    check_limits(opts, mcfg.context_length)
+
+
+def check_limits(opts: RunOptions, context_length: int) -> None:
+    """Limits between fields, which no single field's check sees (the model's context comes
+    from the preset + model_config)."""
+    if opts.seq_len > context_length:
+        raise LmstackError(f"seq_len={opts.seq_len} exceeds the context_length={context_length} of model "
+                           f"{opts.model!r} (with model_config {opts.model_config or {}}); lower --seq-len or set "
+                           f"model_config: {{context_length: {opts.seq_len}}}")
+    floor = 256 + len(SPECIAL_TOKENS)   # a byte-level BPE holds the 256 bytes and the special tokens
+    if opts.vocab_size < floor:
+        raise LmstackError(f"vocab_size={opts.vocab_size} is too small: the tokenizer needs at least 256 byte "
+                           f"tokens + {len(SPECIAL_TOKENS)} special tokens = {floor}")
+    if opts.train_config.get("save_weights", "all") != "all":
+        raise LmstackError(f"train_config save_weights={opts.train_config['save_weights']!r}: the evaluate and "
+                           f"sample stages load the pretrained model, so it must be 'all'")

@@ -80,7 +80,7 @@ def pretrain(run: Run) -> dict:
     cfg = TrainConfig(data=str(run.data_dir), out=str(run.dir), model=o.model, objective="causal",
                       max_steps=o.max_steps, batch_size=o.batch_size, seq_len=o.seq_len, lr=o.lr,
                       seed=o.seed, device=o.device, **o.train_config)
-    result = Trainer(cfg, model_config=model_config).fit()
+    result = Trainer(cfg, model_config).fit()
     return {"params": result["num_params"], "steps": result["steps"], "tokens": result["tokens"],
             "tokens_per_s": result["tokens_per_s"], "train_loss": result["train_loss"],
             "trainer_val_loss": result["val_loss"]}

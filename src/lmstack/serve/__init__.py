@@ -3,10 +3,12 @@
     from lmstack.serve import create_app      # FastAPI app around one AsyncLLM
     lmstack serve runs/tiny --port 8000       # the same from the command line
 
-Files: protocol.py (request/response shapes), convert.py (requests -> SamplingParams,
-outputs -> OpenAI shapes), api.py (/v1 endpoints, streaming), dashboard.py (endpoints the
-page uses), metrics.py (Prometheus text), errors.py (OpenAI error shape), app.py (wiring),
-static/ (the dashboard: plain HTML, CSS and JavaScript).
+Files: protocol.py (request/response shapes, the published schema), convert.py (requests ->
+prompt ids and SamplingParams, outputs -> OpenAI shapes), api.py (/v1 endpoints),
+generation.py (one request's engine work: streaming, failures, disconnects), dashboard.py
+(endpoints the page uses), metrics.py (Prometheus text), errors.py (OpenAI error shape),
+app.py (wiring), static/ (the dashboard: plain HTML, CSS and JavaScript). Chat templates
+(lmstack's own, or a checkpoint's Jinja) live in lmstack.tokenizer.
 """
 
 

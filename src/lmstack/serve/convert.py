@@ -7,15 +7,20 @@ too, so every rejection happens before the engine sees the request.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from lmstack.serve.errors import APIError
-from lmstack.serve.protocol import ChatMessage, CompletionRequest, _SamplingRequest
+from lmstack.serve.protocol import MAX_PROMPTS_PER_REQUEST, ChatMessage, CompletionRequest, _SamplingRequest
+from lmstack.tokenizer.chat import END, has_chat_tokens
 
-# Roles outside the tokenizer's template that mean the same thing there.
+# OpenAI's "developer" is the "system" of the templates models were trained with.
 _ROLE_ALIASES = {"developer": "system"}
-MAX_PROMPTS_PER_REQUEST = 64
+NO_TEMPLATE = ("this model has no chat template: its folder has no 'chat_template' (tokenizer_config.json or "
+               "chat_template.jinja) and its tokenizer lacks lmstack's chat tokens; restart the server with "
+               "--chat-template FILE (a Jinja chat template, as Hugging Face checkpoints ship), or send the "
+               "prompt as text to /v1/completions")
 
 
 @dataclass
@@ -25,10 +30,16 @@ class Limits:
     max_n: int
 
 
-def check_model(requested: str | None, served: str) -> None:
-    if requested not in (None, "", served):
-        raise APIError(404, f"model '{requested}' does not exist; this server serves '{served}' "
-                            "(see GET /v1/models)", param="model", code="model_not_found")
+def check_model(requested: str | None, served: str, adapters: list[str] = ()) -> str | None:
+    """The LoRA adapter a request's `model` names (None: the base, also when `model` is left
+    out); 404 naming every served model for any other name."""
+    if requested in (None, "", served):
+        return None
+    if requested in adapters:
+        return requested
+    names = ", ".join(f"'{n}'" for n in [served, *adapters])
+    raise APIError(404, f"model '{requested}' does not exist; this server serves {names} (see GET /v1/models)",
+                   param="model", code="model_not_found")
 
 
 def completion_prompts(req: CompletionRequest, tokenizer, limits: Limits) -> list[list[int] | str]:
@@ -57,11 +68,19 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, allowed_special="all")
 
 
-def chat_prompt_ids(messages: list[ChatMessage], tokenizer) -> list[int]:
-    """The tokenizer's chat template, ending with the assistant's turn to speak."""
-    messages = [{"role": _ROLE_ALIASES.get(m.role, m.role), "content": m.text()} for m in messages]
+def chat_prompt_ids(messages: list[ChatMessage], tokenizer, template=None) -> list[int]:
+    """The prompt ids for `messages`, ending with the assistant's turn to speak: rendered by
+    `template` (a ChatTemplate: the checkpoint's Jinja or --chat-template) when there is one,
+    else by lmstack's own template (our run directories). Text parts are joined into one
+    string, as text-only templates expect."""
+    plain = [{"role": _ROLE_ALIASES.get(m.role, m.role), "content": m.text(), "name": m.name} for m in messages]
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if template is not None:
+            return encode_text(tokenizer, template.render(plain, add_generation_prompt=True))
+        if not has_chat_tokens(tokenizer):
+            raise APIError(400, NO_TEMPLATE, param="messages", code="no_chat_template")
+        plain = [{"role": m["role"], "content": m["content"]} for m in plain]
+        return list(tokenizer.apply_chat_template(plain, add_generation_prompt=True))
     except (ValueError, KeyError) as e:
         raise APIError(400, f"messages cannot be rendered by the chat template: {e}", param="messages") from None
 
@@ -110,17 +129,22 @@ def sampling_params(req: _SamplingRequest, max_tokens: int, limits: Limits, *, l
         raise APIError(400, f"invalid sampling parameters: {e}") from None
 
 
-def chat_stop_token_ids(tokenizer) -> list[int] | None:
-    """The assistant's turn ends at `<|end|>` in our chat template; stop there too."""
+def chat_stop_token_ids(tokenizer, template=None) -> list[int] | None:
+    """Where the assistant's turn ends: `<|end|>` in our template; a Jinja template's
+    `eos_token` (e.g. <|im_end|>, <|eot_id|>), which may differ from the model's EOS."""
     specials = getattr(tokenizer, "special_tokens", None) or {}
-    ids = [specials[s] for s in ("<|end|>",) if s in specials]
-    return ids or None
+    end = template.eos_token if template is not None else END
+    return [specials[end]] if end in specials else None
 
 
 # ------------------------------------------------------------------- log-probs
 
+VERY_UNLIKELY = -9999.0   # OpenAI's log-prob for "no chance"; JSON has no -inf (or NaN)
+
+
 def _lp_value(lp: Any) -> float:
-    return float(getattr(lp, "logprob", lp))
+    value = float(getattr(lp, "logprob", lp))
+    return value if math.isfinite(value) else VERY_UNLIKELY
 
 
 def token_text(tokenizer, token_id: int, lp: Any = None) -> str:
@@ -165,7 +189,7 @@ def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict] | None, 
     for tid, entry in zip(token_ids, logprobs):
         content.append({
             "token": token_text(tokenizer, tid, entry.get(tid)),
-            "logprob": _lp_value(entry[tid]) if tid in entry else -9999.0,  # OpenAI's "very unlikely"
+            "logprob": _lp_value(entry[tid]) if tid in entry else VERY_UNLIKELY,
             "bytes": _token_bytes(tokenizer, tid),
             "top_logprobs": [{"token": token_text(tokenizer, t, lp), "logprob": _lp_value(lp),
                               "bytes": _token_bytes(tokenizer, t)} for t, lp in _ranked(entry, k)],

@@ -4,7 +4,9 @@ These call the model directly (one forward of a short prompt), not the engine, s
 in a worker thread (`asyncio.to_thread`) under a lock: the event loop keeps streaming other
 requests while a forward runs, and two dashboard forwards never compete for the cores.
 
-    POST /v1/internal/tokenize                 text -> token spans (ids, bytes, bytes/token)
+    POST /v1/internal/tokenize                 text -> token spans (ids, bytes, bytes/token); at
+                                               most --max-tokenize-tokens tokens (a record is
+                                               ~70 bytes: the answer must not dwarf the request)
     POST /v1/internal/next_token_distribution  text -> top-N logits of the next token; the page
                                                re-applies temperature/top-k/top-p/min-p itself
     POST /v1/internal/attention                short text -> attention weights per layer and head
@@ -37,7 +39,13 @@ def _ids(s: ServeState, body: _TextInput) -> list[int]:
         raise APIError(400, "send exactly one of 'prompt' (text) or 'messages' (chat)", param="prompt")
     if body.prompt is not None:
         return encode_text(s.tokenizer, body.prompt)
-    return chat_prompt_ids(body.messages, s.tokenizer)
+    return chat_prompt_ids(body.messages, s.tokenizer, s.chat_template)
+
+
+def _too_many(body: _TextInput, n: int, cap: int, what: str) -> APIError:
+    return APIError(400, f"the {'prompt' if body.prompt is not None else 'chat'} has {n} tokens; {what} "
+                         f"{cap} tokens, shorten it", param="prompt" if body.prompt is not None else "messages",
+                    code="too_many_tokens")
 
 
 def _token_record(tokenizer, tid: int, specials: set[int]) -> dict:
@@ -67,6 +75,9 @@ def _forward(model, ids: list[int], introspect: bool):
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     s = state_of(request)
     ids = await asyncio.to_thread(_ids, s, body)
+    cap = request.app.state.max_tokenize_tokens
+    if len(ids) > cap:
+        raise _too_many(body, len(ids), cap, "the token view shows at most")
     specials = _specials(s)
     tokens = [_token_record(s.tokenizer, t, specials) for t in ids]
     n_bytes = sum(t["n_bytes"] for t in tokens)
@@ -83,7 +94,7 @@ async def next_token_distribution(body: NextTokenRequest, request: Request) -> d
         raise APIError(400, "the prompt is empty; type some text first", param="prompt")
     if len(ids) > s.limits.context_length:
         raise APIError(400, f"the prompt has {len(ids)} tokens, above the context length "
-                            f"{s.limits.context_length}; shorten it", param="prompt")
+                            f"{s.limits.context_length}; shorten it", param="prompt", code="context_length_exceeded")
     logits = await asyncio.to_thread(_forward, _model_of(s), ids, False)
     logp = torch.log_softmax(logits.double(), dim=-1)
     entropy = float(-(logp.exp() * logp).sum())      # nats, full vocabulary, temperature 1
@@ -108,8 +119,7 @@ async def attention(body: AttentionRequest, request: Request) -> dict[str, Any]:
     if not ids:
         raise APIError(400, "the prompt is empty; type some text first", param="prompt")
     if len(ids) > cap:
-        raise APIError(400, f"the prompt has {len(ids)} tokens; attention maps are limited to {cap} tokens, "
-                            "shorten it", param="prompt")
+        raise _too_many(body, len(ids), cap, "attention maps are limited to")
     model = _model_of(s)
     if not hasattr(model, "introspect"):
         raise APIError(503, "this model has no introspect() hook; attention maps are unavailable")

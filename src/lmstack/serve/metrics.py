@@ -3,7 +3,10 @@
 Counters and histograms are updated by the request handlers on the event loop (one
 thread, so no locks); gauges are read from the engine's `stats()` at scrape time.
 
-    lmstack_requests_total{endpoint,status}      requests answered
+    lmstack_requests_total{endpoint,status}      responses sent, by HTTP status (5xx included)
+    lmstack_stream_errors_total{endpoint}        streams that began as 200 and ended with an
+                                                 SSE error event (generation failed mid-stream)
+    lmstack_requests_aborted_total               requests aborted because the client went away
     lmstack_prompt_tokens_total                  prompt tokens processed
     lmstack_generation_tokens_total              tokens generated
     lmstack_time_to_first_token_seconds          histogram, request arrival -> first token
@@ -119,6 +122,9 @@ class ServerMetrics:
                                 ("endpoint", "status"))
         self.prompt_tokens = Counter("lmstack_prompt_tokens_total", "Prompt tokens processed.")
         self.generation_tokens = Counter("lmstack_generation_tokens_total", "Tokens generated.")
+        self.stream_errors = Counter("lmstack_stream_errors_total",
+                                     "Streams answered with status 200 that ended with an SSE error event.",
+                                     ("endpoint",))
         self.aborted = Counter("lmstack_requests_aborted_total", "Requests aborted because the client went away.")
         self.ttft = Histogram("lmstack_time_to_first_token_seconds",
                               "Seconds from request arrival to its first generated token.", TTFT_BUCKETS)
@@ -129,7 +135,7 @@ class ServerMetrics:
 
     def render(self, stats: dict | None) -> str:
         lines: list[str] = []
-        for m in (self.requests, self.prompt_tokens, self.generation_tokens, self.aborted,
+        for m in (self.requests, self.stream_errors, self.prompt_tokens, self.generation_tokens, self.aborted,
                   self.ttft, self.itl, self.e2e):
             lines += m.render()
         stats = stats or {}

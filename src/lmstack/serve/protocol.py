@@ -1,21 +1,35 @@
 """OpenAI-compatible request and response shapes (pydantic v2), plus the dashboard's.
 
-Requests are validated strictly: `"5"` is not a number and `1.0` is not an integer, as in
+Requests are validated strictly: `"5"` is not a number and `1.5` is not an integer, as in
 OpenAI's API, so a wrong type is a 400 naming the field rather than a silent coercion.
-Bounds that depend on the served model or the server's flags (context length, `n`
-limit, vocabulary) are checked later, in `app.py`, where those numbers are known.
+(`5.0` is an integer: JSON, and so JSON Schema, do not tell it from `5`.)
+
+The OpenAPI schema generated from these models is a promise: a request it allows is
+accepted (tests/serve/test_fuzz.py holds the server to it). So every rule the server
+applies is written here as schema, cross-field rules included (`if`/`then`, `oneOf`).
+Bounds that depend on the served model or the server's flags (the `n` limit, the
+vocabulary, the context) are marked `x-lmstack-limit` and filled in by `publish_limits`
+when the server has loaded its model. What no JSON Schema can say is a prompt's length in
+tokens: those refusals carry the codes in TOKEN_COUNT_CODES.
 
 Field names follow OpenAI's API reference; `top_k`, `min_p`, `repetition_penalty` and
 `ignore_eos` are extensions with vLLM's names and meanings.
 """
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-# Largest seed we accept: what fits a signed 64-bit torch.Generator seed.
-MAX_SEED = 2**63 - 1
+# Largest seed we accept: the largest integer that every JSON client (and the OpenAPI
+# document, whose bounds FastAPI writes as floats) represents exactly; torch takes it.
+MAX_SEED = 2**53 - 1
+MAX_PROMPTS_PER_REQUEST = 64
+MAX_STOP = 16
+# Error codes of refusals that count tokens, which a JSON Schema cannot express.
+TOKEN_COUNT_CODES = ("context_length_exceeded", "too_many_tokens")
+LIMIT = "x-lmstack-limit"   # schema marker: this integer's maximum is known once a model is loaded
 
 
 def _check_utf8(s: str) -> str:
@@ -25,6 +39,45 @@ def _check_utf8(s: str) -> str:
     except UnicodeEncodeError:
         raise ValueError("text is not valid UTF-8 (it contains a lone surrogate); send well-formed Unicode") from None
     return s
+
+
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def integer(**bounds: Any) -> Any:
+    """An integer field type: 5 or 5.0, never "5" or 5.5. Bounds (ge, le, json_schema_extra)
+    go inside, next to the int, so the JSON schema states them on the integer itself."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+Text = Annotated[str, AfterValidator(_check_utf8)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_check_utf8)]
+TokenId = integer(ge=0, json_schema_extra={LIMIT: "token_id"})
+
+
+def _limited(kind: str) -> dict:
+    return {LIMIT: kind}
+
+
+def publish_limits(spec: dict, bounds: dict[str, int]) -> dict:
+    """A copy of the OpenAPI `spec` with every `x-lmstack-limit` marker replaced by the
+    `maximum` it stands for (`bounds`: max_n, token_id, max_tokens)."""
+    spec = copy.deepcopy(spec)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            kind = node.pop(LIMIT, None)
+            if kind in bounds:
+                node["maximum"] = bounds[kind]
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(spec)
+    return spec
 
 
 class _Strict(BaseModel):
@@ -39,37 +92,26 @@ class StreamOptions(_Strict):
 
 class _SamplingRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-    model: str | None = Field(None, description="Served model name; omitted means the one served model.")
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate; default: the rest of the context.")
+    model: Text | None = Field(None, description="Served model name; omitted means the one served model.")
+    max_tokens: integer(ge=1, json_schema_extra=_limited("max_tokens")) | None = Field(
+        None, description="Tokens to generate; default: the rest of the context.")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, description="Completions per prompt (limit set by the server's --max-n).")
-    stop: str | list[str] | None = Field(None, description="Up to 16 strings; generation ends before them.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    n: integer(ge=1, json_schema_extra=_limited("max_n")) = Field(
+        1, description="Completions per prompt (limit set by the server's --max-n).")
+    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"Up to {MAX_STOP} strings; generation ends before them.")
+    seed: integer(ge=0, le=MAX_SEED) | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # Extensions (vLLM names).
-    top_k: int | None = Field(None, ge=-1, le=1_000_000, description="0 or -1 = off.")
+    top_k: integer(ge=-1, le=1_000_000) | None = Field(None, description="0 or -1 = off.")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        if v is None:
-            return v
-        stops = [v] if isinstance(v, str) else v
-        if len(stops) > 16:
-            raise ValueError(f"at most 16 stop strings are allowed, got {len(stops)}")
-        for s in stops:
-            if not s:
-                raise ValueError("stop strings must not be empty")
-            _check_utf8(s)
-        return v
 
     def stop_list(self) -> list[str] | None:
         if self.stop is None:
@@ -77,50 +119,42 @@ class _SamplingRequest(_Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        ..., description="Text, a batch of texts, token ids, or a batch of token-id lists.")
-    logprobs: int | None = Field(None, ge=0, le=20, description="Return this many top log-probs per token.")
-    echo: bool = False
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+_Batch = Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        if isinstance(v, str):
-            return _check_utf8(v)
-        if len(v) == 0:
-            raise ValueError("prompt must not be an empty list")
-        for item in v:
-            if isinstance(item, str):
-                _check_utf8(item)
-            elif isinstance(item, list) and len(item) == 0:
-                raise ValueError("a token-id prompt must not be empty")
-        return v
+
+class CompletionRequest(_SamplingRequest):
+    # echo repeats the prompt, whose log-probs the engine does not compute.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"echo": {"const": True}}, "required": ["echo"]},
+        "then": {"properties": {"logprobs": {"type": "null"}}}})
+
+    prompt: (NonEmptyText | Annotated[list[NonEmptyText], _Batch] | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], _Batch]) = Field(
+        ..., description=f"Text, a batch of texts, token ids, or a batch of token-id lists (at most "
+                         f"{MAX_PROMPTS_PER_REQUEST} prompts).")
+    logprobs: integer(ge=0, le=20) | None = Field(None, description="Return this many top log-probs per token.")
+    echo: bool = False
+    # Refused with a message of their own in api.py; the schema states the same bounds.
+    best_of: integer(json_schema_extra={"minimum": 1, "maximum": 1}) | None = Field(
+        None, description="Only 1: extra candidates are not supported.")
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0},
+                               description="Not supported: only an empty suffix.")
 
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
-
-    @field_validator("text")
-    @classmethod
-    def _text(cls, v):
-        return _check_utf8(v)
+    text: Text
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    # Only an assistant turn may omit its content (OpenAI: when it carried tool calls).
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"role": {"const": "assistant"}}},
+        "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
 
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v):
-        if isinstance(v, str):
-            _check_utf8(v)
-        return v
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     @model_validator(mode="after")
     def _needs_content(self):
@@ -137,10 +171,14 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(_SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}})
+
     messages: list[ChatMessage] = Field(..., min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: integer(ge=0, le=20) | None = Field(None, description="Needs logprobs: true.")
+    max_completion_tokens: integer(ge=1, json_schema_extra=_limited("max_tokens")) | None = None
 
 
 # ---------------------------------------------------------------- responses
@@ -220,6 +258,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lmstack"
     max_model_len: int
+    parent: str | None = Field(None, description="For a LoRA adapter, the base model it runs on (as vLLM).")
 
 
 class ModelList(BaseModel):
@@ -241,21 +280,21 @@ class ErrorResponse(BaseModel):
 # ------------------------------------------------------------ dashboard (internal)
 
 class _TextInput(_Strict):
-    prompt: str | None = Field(None, description="Raw text (special tokens in it are honoured).")
-    messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat, rendered by the template.")
+    """Exactly one of `prompt` and `messages` (checked in dashboard.py). Their defaults of
+    None are not part of the schema: an explicit null is refused."""
+    one_of: ClassVar[tuple[str, str]] = ("prompt", "messages")
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        return v if v is None else _check_utf8(v)
+    prompt: NonEmptyText = Field(None, description="Raw text (special tokens in it are honoured).")
+    messages: list[ChatMessage] = Field(None, min_length=1, description="Chat, rendered by the chat template.")
 
 
 class TokenizeRequest(_TextInput):
-    pass
+    prompt: Text = Field(None, description="Raw text (special tokens in it are honoured); may be empty.")
 
 
 class NextTokenRequest(_TextInput):
-    top_n: int = Field(256, ge=1, le=4096, description="How many of the most likely tokens to return.")
+    top_n: integer(ge=1, le=4096) = Field(256, description="How many of the most likely tokens to return.")
 
 
 class AttentionRequest(_TextInput):

@@ -38,6 +38,34 @@ PATTERNS: dict[str, str | None] = {
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 
 
+def check_ids(vocab: dict[int, bytes], special_tokens: dict[str, int], max_id_gaps: int = 0) -> int:
+    """Check the token ids before anything is sized by them -> n_vocab (max id + 1).
+
+    Ids are non-negative ints, unique across the vocab and the special tokens, and the
+    largest is below the number of tokens present (+ `max_id_gaps` allowed unused ids). A
+    tokenizer is sized by its largest id (decode table, embedding rows), so an id of 10**9
+    in a file of 300 tokens is a corrupt or hostile file, never a reason to allocate 8 GB."""
+    if not isinstance(max_id_gaps, int) or max_id_gaps < 0:
+        raise TokenizerError(f"max_id_gaps={max_id_gaps!r} must be an integer >= 0")
+    if not vocab:
+        raise TokenizerError("the vocab is empty; a byte-level BPE needs at least the 256 byte tokens")
+    owner: dict[int, str] = {}
+    named = [(repr(b), i) for i, b in vocab.items()] + [(repr(s), i) for s, i in special_tokens.items()]
+    for name, i in named:
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise TokenizerError(f"token {name} has id {i!r}, not a non-negative integer")
+        if i in owner:
+            raise TokenizerError(f"token {name} has id {i}, already used by token {owner[i]}; ids must be unique")
+        owner[i] = name
+    n, top = len(owner), max(owner)
+    if top >= n + max_id_gaps:
+        gaps = f" plus {max_id_gaps} allowed unused id(s)" if max_id_gaps else ""
+        raise TokenizerError(f"token {owner[top]} has id {top}, but there are only {n} tokens{gaps}, so ids must "
+                             f"be below {n + max_id_gaps}; the file is corrupt (pass max_id_gaps to allow "
+                             f"unused ids in a sparse vocabulary)")
+    return top + 1
+
+
 def resolve_pattern(pattern: str) -> tuple[str, str | None]:
     """`pattern` is a name from PATTERNS or a regex string -> (name or regex, regex or None)."""
     if pattern in PATTERNS:

@@ -12,6 +12,8 @@ Each message is its role token, its content encoded as ordinary text, and `<|end
   reply; generation should stop at `<|end|>`.
 - loss_mask (same length as ids) is 1 on every assistant content token and on the
   `<|end|>` that closes an assistant message (the model must learn to stop), 0 elsewhere.
+
+Checkpoints from elsewhere bring their own template as Jinja text: see chat_template.py.
 """
 from __future__ import annotations
 
@@ -30,6 +32,16 @@ def role_token(role: str) -> str:
     return f"<|{role}|>"
 
 
+def chat_tokens() -> list[str]:
+    """The special tokens this template needs."""
+    return [role_token(r) for r in ROLES] + [END]
+
+
+def has_chat_tokens(tok) -> bool:
+    specials = getattr(tok, "special_tokens", None) or {}
+    return all(s in specials for s in chat_tokens())
+
+
 def _check(messages) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise TokenizerError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
@@ -46,7 +58,7 @@ def render_chat(tok: "Tokenizer", messages, add_generation_prompt: bool = False)
     """-> (ids, loss_mask) for `messages` in the format above."""
     _check(messages)
     specials = tok.special_tokens
-    needed = [role_token(r) for r in ROLES] + [END]
+    needed = chat_tokens()
     missing = [s for s in needed if s not in specials]
     if missing:
         raise TokenizerError(f"this tokenizer lacks the chat special tokens {missing}; train it with "

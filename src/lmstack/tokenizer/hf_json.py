@@ -19,7 +19,8 @@ not implement (a normalizer, add_prefix_space, dropout, word prefixes/suffixes, 
 pre-tokenizers) are refused with an error naming them. The post_processor (e.g. a BOS
 template) is ignored: lmstack never adds special tokens on its own. Every added token
 becomes one of our special tokens (split out of text only when allowed, as in tiktoken);
-its lstrip/rstrip/single_word flags are not applied.
+its lstrip/rstrip/single_word flags are not applied. Ids are checked before anything is
+sized by them (base.check_ids): unique, and 0..n-1 for the n tokens present.
 """
 from __future__ import annotations
 
@@ -138,17 +139,28 @@ def from_dict(data: Any, source: str = "tokenizer.json") -> dict[str, Any]:
     if not isinstance(added, list) or not all(isinstance(a, dict) and isinstance(a.get("content"), str)
                                               and isinstance(a.get("id"), int) for a in added):
         raise bad("added_tokens must be a list of {'id': int, 'content': str} objects")
-    specials = {a["content"]: a["id"] for a in added}
+    specials: dict[str, int] = {}
+    for a in added:
+        if specials.setdefault(a["content"], a["id"]) != a["id"]:
+            raise bad(f"added token {a['content']!r} is listed with two ids, {specials[a['content']]} and {a['id']}")
     special_ids = set(specials.values())
 
     raw_vocab = model.get("vocab")
     if not isinstance(raw_vocab, dict):
         raise bad("model.vocab must be an object {token: id}")
     vocab: dict[int, bytes] = {}
+    text_of: dict[int, str] = {}
     for text, i in raw_vocab.items():
         if not isinstance(i, int) or isinstance(i, bool) or i < 0:
             raise bad(f"token {text!r} has id {i!r}, not a non-negative integer")
-        if i in special_ids:
+        if text_of.setdefault(i, text) != text:   # a dict {id: bytes} would silently keep one
+            raise bad(f"tokens {text_of[i]!r} and {text!r} both have id {i}; ids must be unique")
+        if text in specials and specials[text] != i:
+            raise bad(f"token {text!r} has id {i} in the vocab but id {specials[text]} in added_tokens")
+        if i in special_ids:   # HF lists added tokens in the vocab too, under their own content
+            if text not in specials:
+                owner = next(c for c, j in specials.items() if j == i)
+                raise bad(f"token {text!r} and added token {owner!r} both have id {i}; ids must be unique")
             continue
         try:
             vocab[i] = bytelevel_to_bytes(text)

@@ -16,8 +16,8 @@ import os
 from typing import AbstractSet, Collection, Iterable, Literal
 
 from lmstack.tokenizer import chat, hf_json
-from lmstack.tokenizer.base import (DEFAULT_SPECIAL_TOKENS, TokenizerError, bpe_merge, compile_pattern,
-                                    resolve_pattern, special_splitter)
+from lmstack.tokenizer.base import (DEFAULT_SPECIAL_TOKENS, TokenizerError, bpe_merge, check_ids,
+                                    compile_pattern, resolve_pattern, special_splitter)
 from lmstack.tokenizer.trainer import count_chunks, train_bpe
 
 _CACHE_LIMIT = 200_000  # chunks remembered by the pure-Python encoder before it starts over
@@ -28,15 +28,16 @@ class Tokenizer:
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[int, int]],
                  special_tokens: dict[str, int] | None = None, pattern: str = "gpt4",
-                 ignore_merges: bool = False):
+                 ignore_merges: bool = False, max_id_gaps: int = 0):
+        # ids first: n_vocab = max id + 1 sizes the decode table, so a corrupt or hostile id
+        # (10**9) must be refused before anything is allocated.
+        self.n_vocab = check_ids(vocab, special_tokens or {}, max_id_gaps)
         self.pattern, self.pat_str = resolve_pattern(pattern)
         self._pat = compile_pattern(self.pat_str)
         self.vocab = dict(vocab)
         self.merges = [tuple(m) for m in merges]
         self.ignore_merges = ignore_merges  # HF option: a chunk that is a whole token skips BPE
         self._special_tokens = dict(special_tokens or {})
-        if not self.vocab:
-            raise TokenizerError("the vocab is empty; a byte-level BPE needs at least the 256 byte tokens")
         self._bytes_to_id = {b: i for i, b in self.vocab.items()}
         if len(self._bytes_to_id) != len(self.vocab):
             raise TokenizerError("vocab maps two ids to the same bytes; every token must be distinct")
@@ -51,10 +52,6 @@ class Tokenizer:
                 raise TokenizerError(f"merge #{rank} makes {self.vocab[a] + self.vocab[b]!r}, "
                                      f"which is not in the vocab")
             self._ranks.setdefault((a, b), (rank, new))
-        for s, i in self._special_tokens.items():
-            if i in self.vocab:
-                raise TokenizerError(f"special token {s!r} has id {i}, already used by {self.vocab[i]!r}")
-        self.n_vocab = max([*self.vocab, *self._special_tokens.values()]) + 1
         self._decoder: list[bytes | None] = [None] * self.n_vocab
         for i, bts in self.vocab.items():
             self._decoder[i] = bts
@@ -104,11 +101,12 @@ class Tokenizer:
         hf_json.save(self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Read a byte-level BPE tokenizer.json (ours or HF's); a folder means folder/tokenizer.json."""
+    def load(cls, path: str | os.PathLike, max_id_gaps: int = 0) -> "Tokenizer":
+        """Read a byte-level BPE tokenizer.json (ours or HF's); a folder means folder/tokenizer.json.
+        Ids must be 0..n-1 for the n tokens in the file; `max_id_gaps` allows that many unused ids."""
         kwargs = hf_json.load(path)
         try:
-            return cls(**kwargs)
+            return cls(**kwargs, max_id_gaps=max_id_gaps)
         except TokenizerError as e:
             raise TokenizerError(f"{path}: {e}") from None
 
@@ -126,7 +124,8 @@ class Tokenizer:
 
     def __getstate__(self) -> dict:   # pickle the vocabulary, not caches or the tiktoken object
         return {"vocab": self.vocab, "merges": self.merges, "special_tokens": self._special_tokens,
-                "pattern": self.pattern, "ignore_merges": self.ignore_merges, "backend": self._backend}
+                "pattern": self.pattern, "ignore_merges": self.ignore_merges, "backend": self._backend,
+                "max_id_gaps": self.n_vocab - len(self.vocab) - len(self._special_tokens)}
 
     def __setstate__(self, state: dict) -> None:
         backend = state.pop("backend", "auto")

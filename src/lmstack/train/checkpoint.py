@@ -13,8 +13,11 @@ sampler's state) goes through `flatten_state`, which splits tensors and numpy ar
 safetensors and keeps the structure (dict keys of any type, tuples) in JSON.
 
 A SIGKILL at any instant leaves every complete checkpoint intact: `atomic_dir` builds
-`.step_N.<random>.tmp` and renames it; `recover()` at start-up removes half-built temp dirs
-and restores a `.step_N.old` left by a kill during a same-name replacement.
+`.step_N.<random>.tmp` and renames it; pruning renames an old checkpoint to
+`.step_N.<random>.trash` (one atomic step) before deleting it, so a kill mid-delete never
+leaves a half-deleted `step_N`. `recover()` at start-up removes temp and trash dirs, restores
+a `.step_N.old` left by a kill during a same-name replacement, and removes any `step_N`
+that is not complete (all three files), e.g. one half-deleted by an older lmstack.
 """
 from __future__ import annotations
 
@@ -22,16 +25,19 @@ import json
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmstack.utils import LmstackError, atomic_dir
 
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
+FILES = ("model.safetensors", "state.safetensors", "state.json")
 
 
 # --------------------------------------------------------------------------- nested state <-> tensors + JSON
@@ -121,13 +127,16 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step:07d}"
 
 
+def is_complete(path: Path) -> bool:
+    return all((path / f).is_file() for f in FILES)
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -136,20 +145,34 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint dir so that a kill at any instant leaves it whole or invisible:
+    rename it to a trash name first (atomic), then delete the trash."""
+    trash = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.trash")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def recover(root: str | Path) -> None:
-    """Clean up after a kill: drop half-written temp dirs, restore a replaced-but-not-deleted one."""
+    """Clean up after a kill: drop half-written temp dirs and half-deleted trash, restore a
+    replaced-but-not-deleted checkpoint, remove incomplete step dirs."""
     root = Path(root)
     if not root.is_dir():
         return
-    for p in root.iterdir():
+    for p in sorted(root.iterdir()):
         if p.name.startswith(".step_") and p.name.endswith(".old"):
             target = root / p.name[1:-4]
-            if not target.exists():
+            if not target.exists() and is_complete(p):
                 p.rename(target)
             else:
                 shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(".step_") and p.name.endswith(".tmp"):
+        elif p.name.startswith(".step_") and p.name.endswith((".tmp", ".trash")):
             shutil.rmtree(p, ignore_errors=True)
+    # After the .old restore above: a step dir that lacks a file is never resumed from nor
+    # pruned (list_checkpoints skips it), so it would stay forever.
+    for p in root.iterdir():
+        if _STEP_DIR.match(p.name) and p.is_dir() and not is_complete(p):
+            remove_checkpoint(p)
 
 
 def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict,
@@ -164,13 +187,19 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
             save_file(tensors, str(tmp / "state.safetensors"))
             doc = {**meta, "step": step, "aliases": aliases, "state": skeleton}
             (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise LmstackError(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint is "
+    except (OSError, SafetensorError) as e:  # SafetensorError (e.g. a full disk in save_file) is no OSError
+        raise LmstackError(f"could not write checkpoint {path}: {write_error(e)}; the previous checkpoint is "
                            f"intact; free disk space or choose another --out") from None
     if keep_last > 0:
         for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     return path
+
+
+def write_error(e: Exception) -> str:
+    """The first line of an OSError's or SafetensorError's message, for a one-line error."""
+    text = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+    return text.strip().splitlines()[0]
 
 
 def read_meta(path: str | Path) -> dict:

@@ -1,4 +1,4 @@
-"""TrainConfig: every knob of a pretraining run. Each field is a recipe key and a `--flag`.
+"""TrainConfig: every knob of a training run. Each field is a recipe key and a `--flag`.
 
 The defaults are the CPU-sized run: the `tiny` model preset, 128-token sequences, batches of
 16, which learns tinyworld on two cores in minutes.
@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 
 from lmstack.train.objectives import OBJECTIVES
 from lmstack.train.optim import SCHEDULES
+from lmstack.train.parallel import MODES
+from lmstack.train.resume import SAVE_WEIGHTS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+DISTRIBUTED = ("auto", "none", *MODES)
+PP_SCHEDULES = ("1f1b", "gpipe")
 
 
 def _h(text: str, **kw):
@@ -26,7 +29,8 @@ class TrainConfig:
     model: str = _h("model preset name (tiny, llama-tiny, mixtral-tiny, gpt2-124m) or a model dir to "
                     "continue from", default="tiny")
     model_overrides: dict = _h("ModelConfig fields on top of the preset, e.g. {n_layer: 2}", default_factory=dict)
-    objective: str = _h(f"training objective: {' | '.join(OBJECTIVES)}", default="causal")
+    objective: str = _h(f"pretraining objective: {' | '.join(OBJECTIVES)} (unless the caller passes its own)",
+                        default="causal")
     mask_prob: float = _h("masked LM: fraction of positions chosen for the loss", default=0.15)
     max_steps: int = _h("optimizer steps", default=1000)
     batch_size: int = _h("sequences per micro-batch per device", default=16)
@@ -47,13 +51,22 @@ class TrainConfig:
                     "(CUDA, with GradScaler)", default="auto")
     compile: bool = _h("torch.compile the model", default=False)
     activation_checkpointing: bool = _h("recompute each block's activations in backward", default=False)
-    distributed: str = _h("auto (DDP under torchrun) | none | ddp | fsdp", default="auto")
+    distributed: str = _h("auto (DDP under torchrun) | none | ddp | zero1 (sharded optimizer state) | zero2 (+ "
+                          "gradients) | zero3 = fsdp (+ parameters) | tp (tensor parallel) | pp (pipeline) | tp+dp",
+                          default="auto")
+    tp_size: int = _h("tensor-parallel degree under tp+dp (ranks per tensor-parallel group); 0 = all ranks under "
+                      "tp", default=0)
+    pp_schedule: str = _h("pipeline schedule under pp: 1f1b | gpipe; its micro-batches are the step's --grad-accum",
+                          default="1f1b")
     eval_every: int = _h("evaluate val loss every N steps (0 = only at the end)", default=100)
     eval_batches: int = _h("val batches per evaluation", default=8)
     sample_every: int = _h("call the on_sample callback every N steps (0 = never)", default=0)
     log_every: int = _h("write a train metrics line every N steps", default=1)
     ckpt_every: int = _h("checkpoint every N steps (0 = only at the end)", default=100)
     keep_last: int = _h("checkpoints to keep", default=2)
+    save_weights: str = _h("weights in checkpoints: all | trainable (only parameters with requires_grad; the "
+                           "frozen base comes from the caller on resume and no final model.safetensors is "
+                           "written)", default="all")
     seed: int = _h("random seed (init, data order, masking)", default=0)
     resume: bool = _h("continue from the latest checkpoint in out/checkpoints", default=False)
     tensorboard: bool = _h("also log to out/tb (when tensorboard is installed)", default=True)
@@ -68,8 +81,14 @@ class TrainConfig:
             bad("schedule", f"valid: {', '.join(SCHEDULES)}")
         if self.dtype not in DTYPES:
             bad("dtype", f"valid: {', '.join(DTYPES)}")
+        if self.save_weights not in SAVE_WEIGHTS:
+            bad("save_weights", f"valid: {', '.join(SAVE_WEIGHTS)}")
         if self.distributed not in DISTRIBUTED:
             bad("distributed", f"valid: {', '.join(DISTRIBUTED)}")
+        if self.pp_schedule not in PP_SCHEDULES:
+            bad("pp_schedule", f"valid: {', '.join(PP_SCHEDULES)}")
+        if self.tp_size < 0:
+            bad("tp_size", "must be >= 0 (0 = all ranks under tp)")
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_batches"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")

@@ -1,4 +1,5 @@
-"""Where training numbers go: out/metrics.jsonl, TensorBoard, and the MFU estimate.
+"""Where training numbers go: out/metrics.jsonl, TensorBoard, the MFU estimate, and the
+checks on what an objective reports.
 
 metrics.jsonl holds one JSON object per line, e.g.
     {"step": 10, "split": "train", "loss": 4.21, "lr": 0.001, "grad_norm": 0.8, "tokens": 20480, ...}
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lmstack.utils import atomic_write_text
+from lmstack.utils import LmstackError, atomic_write_text
 
 # (substring of torch.cuda.get_device_name(), {dtype: peak TFLOP/s}); first match wins.
 GPU_PEAK_TFLOPS = [
@@ -65,6 +66,42 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     if key == "bf16" and "avx512_bf16" in flags:
         per_cycle *= 2
     return torch.get_num_threads() * CPU_CLOCK_HZ * per_cycle
+
+
+# Keys the Trainer writes itself; an objective's metrics may not use them.
+RESERVED = {"step", "split", "loss", "lr", "grad_norm", "aux_loss", "tokens", "tok_per_s", "mfu", "ppl"}
+
+
+def check_objective_output(name: str, out, keys: list[str] | None) -> list[str]:
+    """Check `out` = objective.loss(...) is (0-dim loss tensor, metrics dict) with the same
+    metric keys as before (`keys`; None on the first call). Returns the sorted keys."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)
+            and out[0].dim() == 0 and isinstance(out[1], dict)):
+        got = type(out).__name__ if not isinstance(out, tuple) else f"a tuple of {len(out)}"
+        raise LmstackError(f"objective {name!r}: loss(model, batch) must return (a 0-dim loss tensor, a dict "
+                           f"of metrics), got {got}")
+    now = sorted(out[1])
+    if keys is None and RESERVED & set(now):
+        raise LmstackError(f"objective {name!r} returns reserved metric names {sorted(RESERVED & set(now))}; "
+                           f"rename them")
+    if keys is not None and now != keys:
+        raise LmstackError(f"objective {name!r} returned metrics {now}, earlier {keys}; return the same keys "
+                           f"every time")
+    return now
+
+
+def metric_vector(head: list[torch.Tensor], metrics: dict, keys: list[str], device) -> torch.Tensor:
+    """(len(head) + len(keys),) float64 on `device`: the head tensors, then metrics in key
+    order, so a step's numbers are summed and all-reduced as one tensor (no host sync here)."""
+    vals = [t.detach().reshape(()) for t in head]
+    for k in keys:
+        v = metrics[k]
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                raise LmstackError(f"metric {k!r} must be a float or a 0-dim tensor, got shape {tuple(v.shape)}")
+            v = v.detach().reshape(())
+        vals.append(torch.as_tensor(v, dtype=torch.float64, device=device))
+    return torch.stack([v.to(device, torch.float64) for v in vals])
 
 
 class MetricsLog:

@@ -1,8 +1,46 @@
-"""Pretraining objectives: what the model sees, which attention mask it uses, where the loss is.
+"""Objectives: what the one Trainer minimises. Every training method is an objective plus a
+batch source (batches.py) handed to `Trainer(cfg, model, objective, batches)`; none is a loop.
 
-An objective turns a packed batch `(x, y)` from the sampler (y = x shifted by one) into a
-`Batch` for the model and computes the loss from the logits. Three are built in:
+The protocol. Subclass `Objective` (or pass a plain function `fn(model, batch) -> (loss,
+metrics)`, wrapped by `as_objective`); only `loss` is required:
 
+    class MyObjective(Objective):
+        model_mask = "causal"   # ModelConfig.mask the Trainer builds the model with (None: as given)
+        token_nll = False       # True if loss is a mean token NLL: val lines then log ppl = exp(loss)
+
+        def prepare(self, raw, generator):       # CPU, once per micro-batch; default: raw as is
+            # raw = whatever the batch source's next_batch() returned. The one place for the
+            # objective's randomness (MLM masking, prefix lengths): draw only from `generator`,
+            # which the Trainer seeds per rank and saves in every checkpoint (exact resume).
+            return batch        # tensors in dicts/lists/tuples/dataclasses, or anything with .to(device)
+
+        def loss(self, model, batch):            # on the device, under autocast
+            return loss, {"acc": acc}           # loss: 0-dim tensor; metrics: floats / 0-dim tensors
+
+        def tokens(self, batch) -> int           # tokens processed (tok/s, MFU); default: input_ids.numel()
+        def state_dict(self) / load_state_dict(sd)   # state that evolves in training (an adaptive
+                                                 # KL coefficient, a running reward baseline); default none
+
+Metrics are averaged over the micro-batches of a step and over ranks, and logged next to the
+loss in every train line of metrics.jsonl (and in val lines, averaged over the val batches).
+They must have the same keys on every call; "loss", "lr", "grad_norm", ... are reserved.
+`loss` also scores the val batches, under no_grad with `model.training` False: change the
+objective's state only when `model.training`. The model's own MoE auxiliary loss is added by
+the Trainer, not by objectives.
+
+How the methods still to come fit (the Trainer does not change for any of them):
+    SFT      source yields `Batch(input_ids, targets)` with IGNORE_INDEX where the loss mask is
+             0 (prompt, padding); `CausalLM` as is.
+    DPO      source yields chosen/rejected pairs with the frozen reference's log-probs computed
+             once and cached with the examples; loss -logsigmoid(beta * margin), metrics
+             reward accuracy and margin. `model` may carry LoRA with a frozen base.
+    reward   `model` = a Transformer with a scalar head (any nn.Module); pairwise loss.
+    GRPO/PPO source holds the engine and the policy (the module passed as `model`): each
+             next_batch() pushes the policy's weights to the engine (update_weights), samples
+             a group of rollouts per prompt, scores them and returns tokens, old log-probs and
+             advantages; the objective computes the clipped policy loss + KL.
+
+Pretraining is three built-in objectives over packed `(x, y)` batches (y = x shifted by one):
     causal   next-token prediction on every position, causal attention (GPT).
     masked   BERT-style masked LM: 15% of positions are chosen; of those 80% become the mask
              token, 10% a random token, 10% stay as they are; attention is bidirectional and
@@ -11,17 +49,14 @@ An objective turns a packed batch `(x, y)` from the sampler (y = x shifted by on
              bidirectional over x[:L] and causal after it; the loss covers only the tokens
              after the prefix, i.e. positions L-1 .. T-1 (position t predicts token t+1, and
              position L-1 is the last one that has not seen token L).
-
 The mask token for MLM: if the tokenizer defines "<|mask|>" we use its id; otherwise the
 model's vocabulary gets one extra row and the mask id is the tokenizer's `n_vocab` (an id no
-text can ever encode to). `Trainer` sets `ModelConfig.mask` from `Objective.model_mask`.
-
-The loss is pluggable: finetuning passes its own batches (targets of -100 where the loss mask
-is 0) to `CausalLM`, or its own `Objective` subclass, to the one `Trainer`.
+text can ever encode to).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +68,7 @@ MASK_TOKEN = "<|mask|>"
 
 @dataclass
 class Batch:
-    """One model input. `targets[b, t]` is the token position t must predict, or IGNORE_INDEX."""
+    """One LM input. `targets[b, t]` is the token position t must predict, or IGNORE_INDEX."""
     input_ids: Tensor                 # (B, T) long
     targets: Tensor                   # (B, T) long
     prefix_lens: Tensor | None = None  # (B,) long, only for the prefix LM
@@ -54,12 +89,64 @@ def token_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 class Objective:
-    """Base class: causal next-token prediction. Subclasses change the batch and the mask."""
+    """The protocol with its defaults (see the module docstring). Subclasses define `loss`."""
+    name = "custom"
+    model_mask: str | None = None
+    token_nll = False
+
+    def prepare(self, raw: Any, generator: torch.Generator) -> Any:
+        return raw
+
+    def loss(self, model, batch) -> tuple[Tensor, dict]:
+        raise NotImplementedError(f"{type(self).__name__} must define loss(model, batch) -> (loss, metrics)")
+
+    def tokens(self, batch) -> int:
+        """Input tokens of `batch`: its `input_ids` (attribute or key), else the first tensor of
+        an (x, y, ...) tuple; 0 when neither is there (override it for other batch types)."""
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+            return batch[0].numel()
+        ids = batch.get("input_ids") if isinstance(batch, dict) else getattr(batch, "input_ids", None)
+        return ids.numel() if isinstance(ids, Tensor) else 0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass
+
+
+class _FunctionObjective(Objective):
+    def __init__(self, fn: Callable):
+        self.fn, self.name = fn, getattr(fn, "__name__", "custom")
+
+    def loss(self, model, batch):
+        return self.fn(model, batch)
+
+
+def as_objective(obj) -> Objective:
+    """An `Objective` as is; a plain function `fn(model, batch) -> (loss, metrics)` wrapped."""
+    if isinstance(obj, Objective):
+        return obj
+    if callable(obj):
+        return _FunctionObjective(obj)
+    raise TypeError(f"objective must be an Objective or a function (model, batch) -> (loss, metrics), "
+                    f"got {type(obj).__name__}")
+
+
+class CausalLM(Objective):
+    """Next-token prediction. Also the SFT objective: pass `Batch`es with IGNORE_INDEX targets."""
     name = "causal"
-    model_mask = "causal"  # the ModelConfig.mask this objective needs
+    model_mask = "causal"
+    token_nll = True
 
     def make_batch(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Batch:
         return Batch(x, y)
+
+    def prepare(self, raw, generator: torch.Generator) -> Batch:
+        if isinstance(raw, Batch):
+            return raw
+        x, y = raw
+        return self.make_batch(x, y, generator)
 
     def forward(self, model, batch: Batch) -> Tensor:
         """Run the model and return logits (B, T, V)."""
@@ -67,14 +154,11 @@ class Objective:
             return model(batch.input_ids, prefix_lens=batch.prefix_lens)
         return model(batch.input_ids)
 
-    def loss(self, model, batch: Batch) -> Tensor:
-        return token_loss(self.forward(model, batch), batch.targets)
+    def loss(self, model, batch: Batch) -> tuple[Tensor, dict]:
+        return token_loss(self.forward(model, batch), batch.targets), {}
 
 
-CausalLM = Objective
-
-
-class MaskedLM(Objective):
+class MaskedLM(CausalLM):
     """BERT-style masked LM. `vocab_size` bounds the random replacement tokens."""
     name = "masked"
     model_mask = "bidirectional"
@@ -109,7 +193,7 @@ class MaskedLM(Objective):
         return self.corrupt(x, selected, action, random_tokens, self.mask_id)
 
 
-class PrefixLM(Objective):
+class PrefixLM(CausalLM):
     """Prefix LM: prefix length L ~ Uniform{1, ..., T-1} per row; loss on positions >= L-1."""
     name = "prefix"
     model_mask = "prefix"
@@ -149,9 +233,9 @@ OBJECTIVES = ("causal", "masked", "prefix")
 
 def build_objective(name: str, tokenizer_specials: dict[str, int] | None, n_vocab: int,
                     mask_prob: float = 0.15) -> tuple[Objective, int]:
-    """The objective for `name` and the model vocabulary size it needs (MLM may add a row)."""
+    """The pretraining objective `name` and the model vocabulary size it needs (MLM may add a row)."""
     if name == "causal":
-        return Objective(), n_vocab
+        return CausalLM(), n_vocab
     if name == "prefix":
         return PrefixLM(), n_vocab
     if name == "masked":

@@ -1,24 +1,31 @@
-"""The one training loop of lmstack: pretraining here, finetuning and alignment reuse it.
+"""The one training loop of lmstack: pretraining, finetuning, alignment and distillation are
+objectives and batch sources for it, never a second loop.
 
-    from lmstack.train import TrainConfig, Trainer
-    result = Trainer(TrainConfig(data="data/tinyworld", out="runs/x", max_steps=200)).fit()
+    Trainer(TrainConfig(data="data/tinyworld", out="runs/x", max_steps=200)).fit()   # pretraining
+    Trainer(cfg, model, objective, batches, val_batches=val).fit()                   # anything else
 
-One optimizer step = `grad_accum` micro-batches of `batch_size` sequences on each rank.
-Each step: set the lr from the schedule -> forward under autocast (+ MoE aux loss) ->
-backward -> unscale, clip -> stop on a non-finite loss -> AdamW step. Then, as configured:
-a metrics line, a val evaluation, an `on_sample(model, step)` callback, a checkpoint.
+`model`: an nn.Module (a Transformer, perhaps transformed: frozen parameters, LoRA or quantized
+linears), a ModelConfig to build, or None (cfg.model: a preset + overrides, or a model dir).
+`objective`: batch -> (loss, metrics), see objectives.py; None = cfg.objective (pretraining).
+`batches`: next_batch() + state_dict()/load_state_dict(), see batches.py; None = cfg.data's
+token shards. Only parameters with requires_grad get AdamW state (and, under
+cfg.save_weights="trainable", a place in checkpoints).
+
+One optimizer step = `grad_accum` micro-batches on each rank. Each step: set the lr from the
+schedule -> per micro-batch: next_batch -> objective.prepare -> forward + loss under autocast
+(+ MoE aux loss) -> backward -> unscale, clip -> stop on a non-finite loss -> AdamW step. Then,
+as configured: a metrics line, a val evaluation, an `on_sample(model, step)` callback, a
+checkpoint.
 
 Everything that decides the next loss is in the checkpoint (weights, AdamW moments, step ->
-lr, RNG streams, the sampler's position), so a run killed at any instant and resumed with
-`resume=True` logs exactly the losses an uninterrupted run logs (on CPU, same threads).
-
-The loss is pluggable: pass `objective=` (an `Objective`: batch building + loss) and
-`train_sampler=` / `val_sampler=` (anything with next_batch() -> (x, y) and state_dict()).
+lr, RNG streams incl. the objective's generator, the batch source's and objective's state),
+so a run killed at any instant and resumed with `resume=True` logs exactly the losses and
+metrics an uninterrupted run logs (on CPU, same threads).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
 import math
 import shutil
 import time
@@ -26,13 +33,19 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from lmstack.train import checkpoint as ckpt
 from lmstack.train import distributed as dd
+from lmstack.train.batches import check_source, file_sha256, move_to, open_pretraining_data, rescale_sampler_state
+from lmstack.train.build import build_model
 from lmstack.train.config import TrainConfig
-from lmstack.train.metrics import MetricsLog, peak_flops
-from lmstack.train.objectives import Objective, build_objective
-from lmstack.train.optim import build_optimizer, lr_multiplier, set_lr
+from lmstack.train.metrics import MetricsLog, check_objective_output, metric_vector, peak_flops
+from lmstack.train.objectives import as_objective
+from lmstack.train.optim import lr_multiplier, set_lr
+from lmstack.train.parallel import check_model, planned_model_config
+from lmstack.train.parallel_pp import Pipelined
+from lmstack.train.resume import check_checkpoint_fits, frozen_fingerprint, trainable_names
 from lmstack.utils import LmstackError, atomic_write_json, autocast, ensure_writable_dir, progress, seed_everything
 
 
@@ -40,116 +53,103 @@ class NonFiniteLossError(LmstackError):
     """The loss or gradient became NaN/inf; the run stopped without writing a checkpoint."""
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> int:
-    """Recompute each transformer block's activations during backward (memory for compute)."""
-    from torch.utils.checkpoint import checkpoint
-    blocks = dd.find_blocks(model)
-    for block in blocks:
-        forward = block.forward
-        block.forward = lambda *a, _f=forward, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)
-    return len(blocks)
-
-
-def file_sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model_config=None, on_sample: Callable | None = None, *,
-                 objective: Objective | None = None, train_sampler=None, val_sampler=None):
+    def __init__(self, cfg: TrainConfig, model=None, objective=None, batches=None, *, val_batches=None,
+                 on_sample: Callable | None = None):
+        from lmstack.model import ModelConfig
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-        self.cfg, self.model_config, self.on_sample = cfg, model_config, on_sample
-        self.objective, self.sampler, self.val_sampler = objective, train_sampler, val_sampler
+        if model is not None and not isinstance(model, (nn.Module, ModelConfig)):
+            raise TypeError(f"model must be an nn.Module, a ModelConfig or None, got {type(model).__name__}")
+        for what, src in (("batches", batches), ("val_batches", val_batches)):
+            if src is not None:
+                check_source(src, what)
+        self.cfg, self.model_arg, self.on_sample = cfg, model, on_sample
+        self.objective = None if objective is None else as_objective(objective)
+        self.batches, self.val_batches = batches, val_batches
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
 
     # ------------------------------------------------------------------ setup: every check before step 1
-    def _check_out_dir(self) -> None:
-        ensure_writable_dir(self.out, "choose another --out")
+    def _open_data(self) -> tuple[int | None, dict]:
+        """Batch sources from cfg.data unless passed in; (the data's vocab size, tokenizer specials)."""
+        cfg, n_vocab = self.cfg, None
+        data_dir = Path(cfg.data) if cfg.data else None
+        self.tokenizer_path = data_dir / "tokenizer.json" if data_dir else None
+        self.tokenizer_id = None
+        if self.batches is None:
+            if data_dir is None:
+                raise LmstackError("no training data: pass --data DIR (a dir built by `lmstack data`)")
+            data = open_pretraining_data(data_dir, cfg.batch_size, cfg.seq_len, cfg.seed, self.info.dp_rank,
+                                         self.info.dp_size)
+            self.batches, n_vocab, self.tokenizer_id = data.train, data.vocab_size, data.tokenizer_id
+            if self.val_batches is None and data.make_val is not None:
+                self.val_batches = data.make_val()
+        elif self.tokenizer_path is not None:  # sources passed in: the data dir's tokenizer.json names the data
+            self.tokenizer_id = file_sha256(self.tokenizer_path)
+        specials = {}
+        if self.objective is None and cfg.objective == "masked" and self.tokenizer_path is not None \
+                and self.tokenizer_path.is_file():
+            from lmstack.tokenizer import Tokenizer
+            specials = Tokenizer.load(self.tokenizer_path).special_tokens
+        return n_vocab, specials
 
-    def _check_disk(self, n_params: int) -> None:
-        # A checkpoint holds fp32 weights + two AdamW moments; keep_last of them + one being
-        # written + the final model must fit.
-        per_ckpt = n_params * 4 * 3
-        need = per_ckpt * (max(1, self.cfg.keep_last) + 1) + n_params * 4
+    def _check_disk(self) -> None:
+        # A checkpoint holds the saved weights + two AdamW moments per trainable weight;
+        # keep_last of them + one being written + the final model (save_weights="all") must fit.
+        params = list(self.raw_model.parameters())   # a tied parameter once
+        size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+        trained = size(p for p in params if p.requires_grad)
+        only_trainable = self.cfg.save_weights == "trainable"
+        weights = trained if only_trainable else size(params)
+        need = (weights + 2 * trained) * (max(1, self.cfg.keep_last) + 1) + (0 if only_trainable else weights)
         free = shutil.disk_usage(self.out).free
         if free < need:
             raise LmstackError(f"output dir {self.out} has {free / 2**20:.0f} MiB free but checkpoints need about "
                                f"{need / 2**20:.0f} MiB; free space, lower --keep-last or choose another --out")
 
-    def _open_data(self):
-        """Samplers for train/val from the data dir, unless they were passed in."""
+    def _setup(self) -> None:
         cfg = self.cfg
-        self.data_dir = Path(cfg.data) if cfg.data else None
-        self.tokenizer_path = self.data_dir / "tokenizer.json" if self.data_dir else None
-        n_vocab, specials = None, {}
-        # Tokenizer identity for resume checks: the shards' fingerprint when we open them
-        # below; with samplers passed in, a hash of the data dir's tokenizer.json.
-        self.tokenizer_id = None
-        if self.sampler is not None and self.tokenizer_path is not None:
-            self.tokenizer_id = file_sha256(self.tokenizer_path)
-        if self.sampler is None:
-            if self.data_dir is None:
-                raise LmstackError("no training data: pass --data DIR (a dir built by `lmstack data`)")
-            from lmstack.data import PackedSampler, ShardSet
-            shards = self.data_dir / "shards"
-            if not shards.is_dir():
-                raise LmstackError(f"{shards} not found; build it with `lmstack data` (write_shards) or fix --data")
-            try:
-                train = ShardSet(shards, "train")   # checks every shard's size against meta.json
-                val = ShardSet(shards, "val") if "val" in train.meta["splits"] else None
-            except (ValueError, OSError) as e:
-                raise LmstackError(f"cannot read the token shards in {shards}: {e}; rebuild them with "
-                                   f"`lmstack data`") from None
-            if len(train) < cfg.seq_len + 1:
-                raise LmstackError(f"the train split has {len(train)} tokens, fewer than seq_len+1={cfg.seq_len + 1}; "
-                                   f"lower --seq-len or build more data")
-            n_vocab = int(train.vocab_size)
-            self.tokenizer_id = train.tokenizer_fingerprint
-            kw = dict(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
-                      rank=self.info.rank, world_size=self.info.world_size)
-            self.sampler = PackedSampler(train, **kw)
-            if val is not None and len(val) >= cfg.seq_len + 1:
-                self._make_val_sampler = lambda: PackedSampler(val, **kw)
-            else:
-                self._make_val_sampler = None
-        else:
-            self._make_val_sampler = (lambda: self.val_sampler) if self.val_sampler is not None else None
-        if self.tokenizer_path is not None and self.tokenizer_path.is_file() and self.cfg.objective == "masked":
-            from lmstack.tokenizer import Tokenizer
-            specials = Tokenizer.load(self.tokenizer_path).special_tokens
-        return n_vocab, specials
+        self.info = dd.init_distributed(cfg.device, cfg.distributed, cfg.tp_size)
+        check_model(self.info.mode, planned_model_config(cfg, self.model_arg), self.info.tp, self.info.pp,
+                    self.objective or cfg.objective, cfg.grad_accum, cfg.pp_schedule)
+        self.device = self.info.device
+        if self.info.is_main:
+            ensure_writable_dir(self.out, "choose another --out")
+        seed_everything(cfg.seed)       # same init on every rank
+        raw, self.objective = build_model(cfg, self.model_arg, self.objective, *self._open_data())
+        self.mcfg = getattr(raw, "config", None)
+        self.trainable = trainable_names(raw)
+        if not self.trainable:
+            raise LmstackError("the model has no trainable parameters (every one has requires_grad=False)")
+        self.fingerprint = frozen_fingerprint(raw, self.trainable)
+        resume_from = self._find_resume()
+        self.dtype = self._resolve_dtype()
+        self.raw_model = raw.to(self.device)
+        if self.info.is_main:
+            self._check_disk()
+        if cfg.activation_checkpointing:
+            dd.enable_activation_checkpointing(self.raw_model)
+        self.model = dd.wrap_model(self.raw_model, self.info, cfg, self.dtype)   # pp: cuts raw_model to a stage
+        self.optimizer = dd.make_optimizer(self.raw_model, self.info, cfg.lr, cfg.weight_decay,
+                                           (cfg.beta1, cfg.beta2), cfg.eps)
+        self.fwd_model = torch.compile(self.model) if cfg.compile else self.model
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        # per data-parallel rank: ranks that share batches (tp, pp) draw the same masks and dropout
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.info.dp_rank)  # objective randomness
+        torch.manual_seed(cfg.seed + self.info.dp_rank)
+        self.step, self.tokens_seen, self.resumed_from = 0, 0, None
+        self.pipelined = isinstance(self.model, Pipelined)   # its loss is token CE: no metrics
+        self._metric_keys, self._val_start = [] if self.pipelined else None, None
+        self.metrics = MetricsLog(self.out, cfg.tensorboard) if self.info.is_main else None
+        if resume_from is not None:
+            self._load(resume_from)
+        elif self.metrics is not None:
+            self.metrics.reset()
+        if self.info.is_main:
+            atomic_write_json(self.out / "train_config.json", dataclasses.asdict(cfg))
 
-    def _model_config(self, n_vocab: int | None, specials: dict):
-        from lmstack.model import ModelConfig
-        cfg = self.cfg
-        src = Path(cfg.model)
-        if self.model_config is not None:
-            mcfg = self.model_config
-        elif src.is_dir():  # continue from a saved model (ours or Hugging Face's)
-            from lmstack.model import Transformer
-            self._init_model = Transformer.from_pretrained(src, dtype=torch.float32)
-            mcfg = self._init_model.config
-        else:
-            over = dict(cfg.model_overrides)
-            if n_vocab is not None:
-                over.setdefault("vocab_size", n_vocab)
-            mcfg = ModelConfig.preset(cfg.model, **over)
-        vocab = n_vocab if n_vocab is not None else mcfg.vocab_size
-        objective, model_vocab = build_objective(cfg.objective, specials, vocab, cfg.mask_prob)
-        if self.objective is None:
-            self.objective = objective
-        changes = {"mask": self.objective.model_mask}
-        if model_vocab > mcfg.vocab_size:
-            changes["vocab_size"] = model_vocab
-        mcfg = mcfg.replace(**changes)
-        if cfg.seq_len > mcfg.context_length:
-            raise LmstackError(f"seq_len={cfg.seq_len} exceeds the model's context_length={mcfg.context_length}; "
-                               f"lower --seq-len or set model_overrides: {{context_length: {cfg.seq_len}}}")
-        return mcfg
-
-    def _check_resume(self, mcfg) -> Path | None:
+    def _find_resume(self) -> Path | None:
         """The checkpoint to resume from (None = fresh start), after checking it fits this run."""
         if self.info.is_main:
             ckpt.recover(self.ckpt_root)
@@ -160,56 +160,9 @@ class Trainer:
         if not self.cfg.resume:
             raise LmstackError(f"{self.out} already has checkpoints (latest {latest.name}); pass --resume to continue "
                                f"that run, or choose a new --out")
-        meta = ckpt.read_meta(latest)
-        saved = meta.get("model_config", {})
-        diff = sorted(k for k in set(saved) | set(mcfg.to_dict()) if saved.get(k) != mcfg.to_dict().get(k))
-        if diff:
-            pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {mcfg.to_dict().get(k)!r}" for k in diff)
-            raise LmstackError(f"cannot resume {latest}: it was trained with another model config ({pairs}); use "
-                               f"the same model settings or a new --out")
-        if meta.get("tokenizer") and self.tokenizer_id and meta["tokenizer"] != self.tokenizer_id:
-            raise LmstackError(f"cannot resume {latest}: it was trained on data from another tokenizer than "
-                               f"{self.data_dir}'s; use the run's original --data or a new --out")
+        check_checkpoint_fits(latest, ckpt.read_meta(latest), self.mcfg and self.mcfg.to_dict(), self.tokenizer_id,
+                              self.trainable, self.fingerprint)
         return latest
-
-    def _setup(self) -> None:
-        cfg = self.cfg
-        self.info = dd.init_distributed(cfg.device, cfg.distributed)
-        self.device = self.info.device
-        if self.info.is_main:
-            self._check_out_dir()
-        n_vocab, specials = self._open_data()
-        self._init_model = None
-        mcfg = self._model_config(n_vocab, specials)
-        resume_from = self._check_resume(mcfg)
-        self.dtype = self._resolve_dtype()
-
-        from lmstack.model import Transformer
-        seed_everything(cfg.seed)  # same init on every rank
-        raw = Transformer(mcfg)
-        if self._init_model is not None:
-            raw.load_state_dict(self._init_model.state_dict())
-            self._init_model = None
-        self.raw_model = raw.to(self.device)
-        if self.info.is_main:
-            self._check_disk(sum(p.numel() for p in raw.parameters()))
-        if cfg.activation_checkpointing:
-            enable_activation_checkpointing(self.raw_model)
-        self.model = dd.wrap_model(self.raw_model, self.info)
-        self.optimizer = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
-        self.fwd_model = torch.compile(self.model) if cfg.compile else self.model
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.info.rank)  # objective randomness
-        torch.manual_seed(cfg.seed + self.info.rank)  # dropout differs per rank
-        self.mcfg = mcfg
-        self.step, self.tokens_seen, self.resumed_from = 0, 0, None
-        self.metrics = MetricsLog(self.out, cfg.tensorboard) if self.info.is_main else None
-        if resume_from is not None:
-            self._load(resume_from)
-        elif self.metrics is not None:
-            self.metrics.reset()
-        if self.info.is_main:
-            atomic_write_json(self.out / "train_config.json", dataclasses.asdict(cfg))
 
     def _resolve_dtype(self) -> torch.dtype:
         name = self.cfg.dtype
@@ -222,18 +175,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> Path | None:
-        model_sd, optim_sd = dd.full_state(self.model, self.optimizer)   # collective under FSDP
-        samplers = dd.gather_objects(self.sampler.state_dict(), self.info)
-        gens = dd.gather_objects(self.gen.get_state(), self.info)
-        rngs = dd.gather_objects(ckpt.rng_state(), self.info)
+        only_trainable = self.cfg.save_weights == "trainable"
+        model_sd, optim_sd = dd.full_state(self.model, self.optimizer, self.info, only_trainable)   # collective
+        if only_trainable:   # (buffers too are part of the caller's base)
+            model_sd = {k: v for k, v in model_sd.items() if k in self.trainable}
+        per_rank = {k: dd.gather_objects(v, self.info) for k, v in (
+            ("sampler", self.batches.state_dict()), ("objective_rng", self.gen.get_state()),
+            ("rng", ckpt.rng_state()), ("objective", self.objective.state_dict()))}
         path = None
         if self.info.is_main:
-            state = {"optimizer": optim_sd, "sampler": samplers, "objective_rng": gens, "rng": rngs,
-                     "scaler": self.scaler.state_dict()}
-            meta = {"config": dataclasses.asdict(self.cfg), "model_config": self.mcfg.to_dict(),
-                    "tokenizer": self.tokenizer_id,
-                    "tokens_seen": self.tokens_seen, "world_size": self.info.world_size,
-                    "lr": self.cfg.lr * self._lr_mult(self.step), "schedule": self.cfg.schedule}
+            state = {"optimizer": optim_sd, "scaler": self.scaler.state_dict(), **per_rank}
+            meta = {"config": dataclasses.asdict(self.cfg), "model_config": self.mcfg and self.mcfg.to_dict(),
+                    "tokenizer": self.tokenizer_id, "tokens_seen": self.tokens_seen,
+                    "world_size": self.info.world_size, "data_parallel": self.info.dp_size,
+                    "lr": self.cfg.lr * self._lr_mult(self.step),
+                    "schedule": self.cfg.schedule, "save_weights": self.cfg.save_weights,
+                    "trainable": sorted(self.trainable), "frozen_fingerprint": self.fingerprint}
             path = ckpt.save_checkpoint(self.ckpt_root, self.step, model_sd, state, meta, self.cfg.keep_last)
             self.last_checkpoint = path
         dd.barrier(self.info)
@@ -241,15 +198,20 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         weights, state, meta = ckpt.load_checkpoint(path)
-        dd.load_full_state(self.model, self.optimizer, weights, state["optimizer"])
-        r, same_world = self.info.rank, meta.get("world_size", 1) == self.info.world_size
-        own = r if same_world else 0
+        partial = meta.get("save_weights") == "trainable"
+        if partial and set(weights) != self.trainable:
+            raise LmstackError(f"checkpoint {path} is damaged: its weights are not this run's trainable parameters")
+        dd.load_full_state(self.model, self.optimizer, weights, state["optimizer"], self.info, strict=not partial)
+        # per data-parallel rank states; same_world: the same number of data-parallel ranks
+        same_world = meta.get("data_parallel", meta.get("world_size", 1)) == self.info.dp_size
+        own = self.info.dp_rank if same_world else 0
         ckpt.set_rng_state(state["rng"][own])
         self.gen.set_state(state["objective_rng"][own])
-        if same_world:
-            self.sampler.load_state_dict(state["sampler"][r])
-        else:
-            self.sampler.load_state_dict(self._rescale_sampler_state(state["sampler"][0]))
+        sampler = state["sampler"][own] if same_world else \
+            rescale_sampler_state(state["sampler"][0], self.cfg.batch_size, self.info.dp_size)
+        self.batches.load_state_dict(sampler)
+        if state.get("objective"):
+            self.objective.load_state_dict(state["objective"][own])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen, self.resumed_from = meta["step"], meta.get("tokens_seen", 0), meta["step"]
@@ -257,89 +219,89 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.truncate_after(self.step)
 
-    def _rescale_sampler_state(self, sd: dict) -> dict:
-        """A PackedSampler position saved under another world size. Its position is global:
-        step g of W ranks x batch B consumed windows [0, g*W*B). With the same global batch the
-        data order continues exactly; otherwise we continue at the first unseen window."""
-        if not (isinstance(sd, dict) and {"step", "batch_size", "world_size"} <= set(sd)):
-            return sd
-        old = sd["batch_size"] * sd["world_size"]
-        new = self.cfg.batch_size * self.info.world_size
-        if old != new:
-            print(f"note: the checkpoint's global batch was {old} sequences, this run's is {new}; the data order "
-                  f"continues at the first unseen window but differs from the original run's")
-        return {**sd, "batch_size": self.cfg.batch_size, "world_size": self.info.world_size,
-                "step": -(-sd["step"] * old // new)}
-
     # ------------------------------------------------------------------ one step
     def _lr_mult(self, step: int) -> float:
         c = self.cfg
         return lr_multiplier(step, c.max_steps, c.schedule, c.warmup_steps, c.min_lr_ratio, c.decay_frac)
 
-    def _micro_loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(self, raw, generator: torch.Generator):
+        return move_to(self.objective.prepare(raw, generator), self.device)
+
+    def _micro_loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(loss, MoE aux loss, metrics) of one micro-batch, checked against the protocol."""
         with autocast(self.device, self.dtype):
-            loss = self.objective.loss(model, batch)
-            aux = self.raw_model.aux_loss() if self.mcfg.n_expert else loss.new_zeros(())
-        return loss, aux
+            out = self.objective.loss(model, batch)
+            aux = self.raw_model.aux_loss() if getattr(self.mcfg, "n_expert", 0) else None
+        self._metric_keys = check_objective_output(self.objective.name, out, self._metric_keys)
+        loss, metrics = out
+        return loss, (loss.new_zeros(()) if aux is None else aux), metrics
+
+    def _values(self, loss, aux, metrics) -> torch.Tensor:
+        return metric_vector([loss, aux], metrics, self._metric_keys, self.device)
 
     def train_step(self) -> dict:
         cfg, accum = self.cfg, self.cfg.grad_accum
         lr = cfg.lr * self._lr_mult(self.step)
         set_lr(self.optimizer, lr)
-        loss_sum = torch.zeros((), device=self.device)
-        aux_sum = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            x, y = self.sampler.next_batch()
-            batch = self.objective.make_batch(x, y, self.gen).to(self.device)
+        sums, tokens = None, 0
+        if self.pipelined:   # the schedule runs forward + backward of every micro-batch
+            batches = [self._prepare(self.batches.next_batch(), self.gen) for _ in range(accum)]
+            sums, tokens = self.model.train_step(batches), sum(map(self.objective.tokens, batches))
+        for micro in range(0 if self.pipelined else accum):
+            batch = self._prepare(self.batches.next_batch(), self.gen)
             with dd.no_sync(self.model, micro < accum - 1):
-                loss, aux = self._micro_loss(self.fwd_model, batch)
+                loss, aux, metrics = self._micro_loss(self.fwd_model, batch)
                 self.scaler.scale((loss + aux) / accum).backward()
-            loss_sum += loss.detach().float()
-            aux_sum += aux.detach().float()
+            vals = self._values(loss, aux, metrics)
+            sums = vals if sums is None else sums + vals
+            tokens += self.objective.tokens(batch)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        loss_val = dd.all_reduce_mean(float(loss_sum) / accum, self.info)
+        grad_norm = dd.clip_grad_norm_(self.model, params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
+                                       self.info)
+        *means, tokens = dd.data_sum([*(sums / accum).tolist(), tokens], self.info)
+        loss_val, aux_val, *metric_vals = [m / self.info.dp_size for m in means]
         if not math.isfinite(loss_val) or (not self.scaler.is_enabled() and not math.isfinite(grad_norm)):
             what = f"loss={loss_val}" if not math.isfinite(loss_val) else f"grad norm={grad_norm}"
-            last = getattr(self, "last_checkpoint", None)
             raise NonFiniteLossError(
                 f"{what} at step {self.step + 1}; stopped without saving a checkpoint. Last good checkpoint: "
-                f"{last or 'none'}. Lower --lr or --grad-clip (or use bfloat16/float32) and resume with --resume")
+                f"{getattr(self, 'last_checkpoint', None) or 'none'}. Lower --lr or --grad-clip (or use "
+                f"bfloat16/float32) and resume with --resume")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += accum * cfg.batch_size * cfg.seq_len * self.info.world_size
-        rec = {"loss": loss_val, "lr": lr, "grad_norm": grad_norm}
-        if self.mcfg.n_expert:
-            rec["aux_loss"] = dd.all_reduce_mean(float(aux_sum) / accum, self.info)
+        self.tokens_seen += int(tokens)
+        rec = {"loss": loss_val, **dict(zip(self._metric_keys, metric_vals)), "lr": lr, "grad_norm": grad_norm}
+        if getattr(self.mcfg, "n_expert", 0):
+            rec["aux_loss"] = aux_val
         return rec
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """Mean val loss over `eval_batches` fixed batches (the same ones every time) and its perplexity."""
-        if self._make_val_sampler is None:
+        """Mean val loss and metrics over `eval_batches` batches (the same ones every time)."""
+        if self.val_batches is None:
             return None
-        sampler = self._make_val_sampler()
-        if hasattr(sampler, "load_state_dict") and hasattr(self, "_val_start"):
-            sampler.load_state_dict(self._val_start)
-        elif hasattr(sampler, "state_dict"):
-            self._val_start = sampler.state_dict()
+        if self._val_start is None:
+            self._val_start = copy.deepcopy(self.val_batches.state_dict())   # a source may reuse its dict
+        else:
+            self.val_batches.load_state_dict(self._val_start)
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
         self.model.eval()
-        total = 0.0
+        total = None
         for _ in range(self.cfg.eval_batches):
-            x, y = sampler.next_batch()
-            loss, _ = self._micro_loss(self.model, self.objective.make_batch(x, y, gen).to(self.device))
-            total += float(loss)
+            batch = self._prepare(self.val_batches.next_batch(), gen)
+            vals = self.model.eval_values(batch) if self.pipelined else self._values(*self._micro_loss(self.model, batch))
+            total = vals if total is None else total + vals
         self.model.train()
-        loss = dd.all_reduce_mean(total / self.cfg.eval_batches, self.info)
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        means = [v / self.info.dp_size for v in dd.data_sum((total / self.cfg.eval_batches).tolist(), self.info)]
+        rec = {"loss": means[0]}
+        if self.objective.token_nll:
+            rec["ppl"] = math.exp(min(means[0], 50.0))
+        return {**rec, **dict(zip(self._metric_keys, means[2:]))}
 
     def _sample(self) -> None:
-        if self.on_sample is None or not self.info.is_main or self.info.mode == "fsdp":
+        if self.on_sample is None or not self.info.is_main or not self.info.whole_model:
             return
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # sampling must not move the training RNG
@@ -367,12 +329,13 @@ class Trainer:
 
     def _fit(self) -> dict:
         cfg, info = self.cfg, self.info
-        tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * info.world_size
-        flops_per_token = float(self.raw_model.flops_per_token(cfg.seq_len))
+        fpt = getattr(self.raw_model, "flops_per_token", None)
+        flops_per_token = float(fpt(cfg.seq_len)) if callable(fpt) else 0.0
         peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device, self.dtype)) * info.world_size
         bar = progress(total=cfg.max_steps, initial=self.step, desc="train", disable=None if info.is_main else True)
         last_train = last_val = None
-        t_start, t_log, step_log = time.perf_counter(), time.perf_counter(), self.step
+        t_start = t_log = time.perf_counter()
+        start_tokens = tokens_log = self.tokens_seen
         start_step = self.step
         self.model.train()
         while self.step < cfg.max_steps:
@@ -380,8 +343,8 @@ class Trainer:
             last_train, s = rec["loss"], self.step
             if s % max(1, cfg.log_every) == 0 or s == cfg.max_steps:
                 now = time.perf_counter()
-                tok_s = (s - step_log) * tokens_per_step / max(now - t_log, 1e-9)
-                t_log, step_log = now, s
+                tok_s = (self.tokens_seen - tokens_log) / max(now - t_log, 1e-9)
+                t_log, tokens_log = now, self.tokens_seen
                 mfu = tok_s * flops_per_token / peak if peak else 0.0
                 self._log({"step": s, "split": "train", **rec, "tokens": self.tokens_seen,
                            "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 5)})
@@ -401,26 +364,43 @@ class Trainer:
         if last_val is None and self.resumed_from is not None:
             last_val = self.evaluate()
         self._export()
-        steps_run = self.step - start_step
         return {"out": str(self.out), "steps": self.step, "resumed_from": self.resumed_from,
                 "train_loss": last_train, "val_loss": last_val and last_val["loss"],
-                "val_ppl": last_val and last_val["ppl"], "tokens": self.tokens_seen,
+                "val_ppl": last_val and last_val.get("ppl"), "tokens": self.tokens_seen,
                 "num_params": sum(p.numel() for p in self.raw_model.parameters()),
-                "elapsed_s": elapsed, "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
+                "trainable_params": sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad),
+                "elapsed_s": elapsed, "tokens_per_s": (self.tokens_seen - start_tokens) / max(elapsed, 1e-9),
+                "steps_run": self.step - start_step,
                 "checkpoint": str(getattr(self, "last_checkpoint", "")) or None}
 
     def _export(self) -> None:
-        """Final model: out/model.safetensors + config.json (save_pretrained) + out/tokenizer.json."""
-        model_sd, _ = dd.full_state(self.model, self.optimizer)
-        if not self.info.is_main:
-            return
-        if self.info.mode == "fsdp":  # parameters are sharded: rebuild a plain copy to save
-            from lmstack.model import Transformer
-            plain = Transformer(self.mcfg)
-            plain.load_state_dict(model_sd)
-        else:
-            plain = self.raw_model
-        plain.save_pretrained(self.out)
-        if self.tokenizer_path is not None and self.tokenizer_path.is_file():
+        """Final model: out/model.safetensors + config.json (save_pretrained) + out/tokenizer.json.
+        Under save_weights="trainable" no model is written: the base is the caller's and the
+        trained tensors are in the last checkpoint (result["checkpoint"])."""
+        if self.cfg.save_weights == "all":
+            model_sd, _ = dd.full_state(self.model, self.optimizer, self.info)
+            if self.info.is_main:
+                from safetensors import SafetensorError
+                try:
+                    self._write_model(model_sd)
+                except (OSError, SafetensorError) as e:
+                    raise LmstackError(f"could not write the final model to {self.out}: {ckpt.write_error(e)}; "
+                                       f"the last checkpoint is intact; free disk space and resume") from None
+        if self.info.is_main and self.tokenizer_path is not None and self.tokenizer_path.is_file():
             from lmstack.utils import atomic_write_bytes
             atomic_write_bytes(self.out / "tokenizer.json", self.tokenizer_path.read_bytes())
+
+    def _write_model(self, model_sd: dict) -> None:
+        raw = self.raw_model
+        if not callable(getattr(raw, "save_pretrained", None)):  # a plain nn.Module: its tensors only
+            from safetensors.torch import save_file
+            save_file(ckpt._dedupe(model_sd)[0], str(self.out / "model.safetensors"))
+            return
+        if not self.info.whole_model:  # parameters are sharded or split: rebuild a plain copy to save
+            from lmstack.model import Transformer
+            from lmstack.model.transforms import apply_transforms, get_transforms
+            plain = Transformer(self.mcfg)
+            apply_transforms(plain, get_transforms(raw) or None)
+            plain.load_state_dict(model_sd)
+            raw = plain
+        raw.save_pretrained(self.out)

@@ -16,6 +16,8 @@ exactly the batches an uninterrupted run would have.
 Distributed data parallel: global step g uses windows perm[g*B*W : (g+1)*B*W]; rank r takes
 the r-th block of B. The W ranks therefore read disjoint windows, and together they see the
 same data as one process with batch size B*W.
+
+(This file cuts training batches; infer/sampler.py samples tokens from logits.)
 """
 from __future__ import annotations
 

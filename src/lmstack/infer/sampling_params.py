@@ -8,8 +8,9 @@ against lmstack by swapping one import:
 
 Every field is checked in `__post_init__`: a bad value raises `ValueError` naming the
 field, the value and the valid range, before any work is queued. `dataclasses.replace`
-re-runs the checks. The sampler (`sampler.py`) reads these fields; the engine reads the
-stopping fields (stop, stop_token_ids, ignore_eos, max_tokens, min_tokens).
+re-runs the checks. The sampler (`sampler.py`) reads these fields; the engine's
+postprocessing (`postprocess.py`) reads the stopping fields (stop, stop_token_ids,
+ignore_eos, max_tokens, min_tokens).
 """
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ from dataclasses import dataclass
 SAMPLING_EPS = 1e-5
 
 MAX_LOGPROBS = 20  # top-k logprobs per token, like OpenAI's API limit
+
+# Which distribution reported logprobs come from (vLLM's `logprobs_mode` values):
+#   raw_logprobs        the model's, after the penalties only (before temperature/truncation)
+#   processed_logprobs  the one the token is drawn from: after penalties, min_tokens,
+#                       temperature, top-k, top-p, min-p (what RL's importance ratios need)
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 
 
 def _check_number(name: str, value, *, integer: bool = False) -> None:
@@ -50,7 +57,22 @@ class SamplingParams:
     max_tokens          most tokens generated; None = up to the model's context length
     min_tokens          EOS and stop_token_ids are blocked until this many tokens exist
     logprobs            None = off; k = the chosen token's logprob plus the k most likely
+    logprobs_mode       "raw_logprobs" (default): log_softmax of the penalized logits, before
+                        temperature and truncation; "processed_logprobs": log_softmax of the
+                        logits the token is drawn from (after penalties, min_tokens,
+                        temperature, top-k, top-p, min-p; greedy rows: after penalties and
+                        min_tokens). Applies to the chosen token, the top-k alternatives and
+                        cumulative_logprob
     skip_special_tokens drop special tokens when detokenizing
+    prompt_logprobs     None = off; k = for each prompt token, its logprob given the tokens
+                        before it plus the k most likely tokens at that position, in
+                        `RequestOutput.prompt_logprobs` (entry 0 is None, as in vLLM). Always
+                        the model's raw distribution (no penalties, no temperature)
+    prompt_logprobs_start  (lmstack's, like SGLang's logprob_start_len) the first prompt
+                        position scored; entries before it are None. Tokens before position
+                        start - 1 need no logits, so the prefix cache may serve them: scoring
+                        several continuations of one context computes the context once. With
+                        0 (every token scored, as in vLLM) the request skips the prefix cache
     """
 
     n: int = 1
@@ -68,7 +90,10 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    logprobs_mode: str = "raw_logprobs"
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 0
 
     def __post_init__(self) -> None:
         _check_number("n", self.n, integer=True)
@@ -111,6 +136,17 @@ class SamplingParams:
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"SamplingParams.logprobs must be None or in [0, {MAX_LOGPROBS}], "
                                  f"got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            _check_number("prompt_logprobs", self.prompt_logprobs, integer=True)
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"SamplingParams.prompt_logprobs must be None or in [0, {MAX_LOGPROBS}], "
+                                 f"got {self.prompt_logprobs}")
+        _check_number("prompt_logprobs_start", self.prompt_logprobs_start, integer=True)
+        if self.prompt_logprobs_start < 0:
+            raise ValueError(f"SamplingParams.prompt_logprobs_start must be >= 0, got {self.prompt_logprobs_start}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"SamplingParams.logprobs_mode must be one of {list(LOGPROBS_MODES)}, "
+                             f"got {self.logprobs_mode!r}")
         self.stop = self._normalize_stop(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
@@ -147,6 +183,10 @@ class SamplingParams:
     @property
     def top_k_enabled(self) -> bool:
         return self.top_k > 0
+
+    @property
+    def processed_logprobs(self) -> bool:
+        return self.logprobs_mode == "processed_logprobs"
 
     @property
     def needs_penalties(self) -> bool:

@@ -1,0 +1,270 @@
+"""Alignment: effects on held-out tinyworld sets, and step time against TRL, side by side.
+
+    python benchmarks/bench_align.py base       # the starting model (cached in runs/bench-align/base)
+    python benchmarks/bench_align.py effect     # DPO, GRPO, reward model + PPO: held-out before -> after
+    python benchmarks/bench_align.py speed      # GRPO and DPO step time vs TRL (skipped without trl)
+    python benchmarks/bench_align.py all [--quick]
+
+The starting model: a Llama-style transformer (4 layers, width 128, RoPE, RMSNorm, SwiGLU) with
+a 512-token BPE, trained as a plain-text LM on tinyworld arithmetic and instruction records
+(the held-out problems excluded), a few minutes on 2 CPU cores. Every method runs through
+`run_align` exactly as `lmstack align` does (format plain), and reports the held-out numbers
+of summary.json.
+
+Speed: the same model exported to Hugging Face format (export_hf) is what TRL trains; the
+same prompts, G, max lengths and batch sizes on both sides; fp32 on the CPU (bf16 on CUDA).
+GRPO step = rollouts + scoring + update (TRL generates with transformers' generate, we with
+the engine); DPO step = forward/backward over a batch of pairs with precomputed reference
+log-probs on both sides. Steps alternate between the two sides so machine noise hits both;
+the median is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lmstack.align import data as D  # noqa: E402
+from lmstack.align.config import AlignConfig  # noqa: E402
+from lmstack.align.runner import run_align  # noqa: E402
+
+OUT = ROOT / "runs" / "bench-align"
+
+
+# --------------------------------------------------------------------------- the starting model
+
+class PackedDocs:
+    """Random windows of seq_len + 1 tokens over the concatenated documents (eot between)."""
+
+    def __init__(self, ids: list[int], batch_size: int, seq_len: int, seed: int = 0):
+        self.ids, self.B, self.T = torch.tensor(ids), batch_size, seq_len
+        self.g, self.i = torch.Generator().manual_seed(seed), 0
+
+    def next_batch(self):
+        starts = torch.randint(0, len(self.ids) - self.T - 1, (self.B,), generator=self.g)
+        x = torch.stack([self.ids[s:s + self.T + 1] for s in starts.tolist()])
+        self.i += 1
+        return x[:, :-1], x[:, 1:]
+
+    def state_dict(self):
+        return {"i": self.i, "g": self.g.get_state()}
+
+    def load_state_dict(self, sd):
+        self.i = sd["i"]
+        self.g.set_state(sd["g"])
+
+
+def base_model(steps: int = 1000, quick: bool = False) -> Path:
+    from lmstack.model import ModelConfig
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.train import TrainConfig, Trainer
+    out = OUT / ("base-quick" if quick else "base")
+    if (out / "model.safetensors").is_file():
+        return out
+    recs = D._task_records(0, 400 if quick else 30000, False, ("arithmetic", "arithmetic", "instruction"), "base")
+    docs = [r["prompt"] + r["response"] + "\n" for r in recs]
+    tok = Tokenizer.train(docs[:5000], vocab_size=512, show_progress=False)
+    ids = []
+    for d in docs:
+        ids += tok.encode_ordinary(d) + [tok.eot_token]
+    mcfg = ModelConfig.preset("tiny", vocab_size=tok.n_vocab, n_embd=128, n_layer=4, n_head=4, context_length=64)
+    cfg = TrainConfig(out=str(out), max_steps=20 if quick else steps, batch_size=32, seq_len=64, lr=3e-3,
+                      warmup_steps=50, eval_every=0, ckpt_every=0, tensorboard=False, device="auto")
+    Trainer(cfg, mcfg, batches=PackedDocs(ids, 32, 64)).fit()
+    tok.save(out / "tokenizer.json")
+    return out
+
+
+# --------------------------------------------------------------------------- effects
+
+EFFECTS = {
+    "dpo": dict(method="dpo", tasks=["arithmetic", "instruction"], n_train=2000, n_eval=400, max_steps=150,
+                batch_size=16, lr=5e-5, beta=0.1, eval_every=25),
+    "grpo": dict(method="grpo", n_train=2000, n_eval=300, max_steps=100, group_size=8, prompts_per_rollout=8,
+                 batch_size=32, grad_accum=2, lr=2e-5, max_completion_len=8, temperature=1.0, eval_every=20),
+    "rm": dict(method="rm", tasks=["arithmetic", "instruction"], n_train=3000, n_eval=400, max_steps=300,
+               batch_size=16, lr=3e-4, eval_every=50),
+    "ppo": dict(method="ppo", n_train=2000, n_eval=200, max_steps=60, prompts_per_rollout=32, batch_size=16,
+                ppo_epochs=2, lr=2e-5, kl_coef=0.05, max_completion_len=8, eval_every=20),
+}
+
+
+def effect(base: Path, which: list[str], quick: bool) -> dict:
+    results = {}
+    for name in which:
+        kw = dict(EFFECTS[name])
+        if quick:
+            kw.update(max_steps=4, n_train=64, n_eval=32, eval_every=2)
+            kw.update({k: 4 for k in ("prompts_per_rollout",) if k in kw})
+            if name == "grpo":
+                kw.update(batch_size=16, grad_accum=2)
+        if name == "ppo":
+            kw["reward_model"] = str(OUT / "rm")
+        t0 = time.perf_counter()
+        s = run_align(AlignConfig(model=str(base), out=str(OUT / name), format="plain", **kw))
+        results[name] = {"before": s["before"], "after": s["after"], "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- speed vs TRL
+
+def _hf_export(base: Path) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    from lmstack.model import Transformer
+    from lmstack.model.hf import export_hf
+    out = OUT / "hf"
+    model = Transformer.from_pretrained(base, dtype=torch.float32)
+    export_hf(model, out)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(base / "tokenizer.json"), eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    tok.save_pretrained(out)
+    return out
+
+
+class StepTimes:
+    """A transformers TrainerCallback that records each optimizer step's wall time."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        times = self.times = []
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                times.append(-time.perf_counter())
+
+            def on_step_end(self, args, state, control, **kw):
+                times[-1] += time.perf_counter()
+        self.callback = _CB()
+
+
+def _ours_trainer(model, objective, batches, out: Path, batch_size: int, lr: float):
+    from lmstack.train import TrainConfig, Trainer
+    cfg = TrainConfig(out=str(out), max_steps=10**6, batch_size=batch_size, seq_len=model.config.context_length,
+                      lr=lr, warmup_steps=0, eval_every=0, ckpt_every=0, tensorboard=False, device="auto",
+                      weight_decay=0.0)
+    t = Trainer(cfg, model, objective, batches)
+    t._setup()
+    return t
+
+
+def _time_ours(t, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        t.train_step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def grpo_speed(base: Path, hf: Path, rounds: int, quick: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lmstack.align import GRPOObjective, GRPOSource
+    from lmstack.align.rewards import exact_answer
+    from lmstack.align.runner import load_policy
+    P, G, L = (2, 4, 8) if quick else (8, 8, 16)
+    prompts = D.tinyworld_prompts(seed=0, n=P * (rounds + 2) * 2)
+    policy, tok, _ = load_policy(str(base))
+    src = GRPOSource(policy, tok, prompts, [exact_answer], group_size=G, prompts_per_rollout=P, batch_size=P * G,
+                     max_completion_len=L, temperature=1.0, fmt="plain", stop_token_ids=[tok.eot_token])
+    ours = _ours_trainer(policy, GRPOObjective("grpo", temperature=1.0), src, OUT / "speed-grpo", P * G, 1e-6)
+
+    def reward(completions, answer, **kw):
+        return [exact_answer("", c, a) for c, a in zip(completions, answer)]
+    hf_tok = AutoTokenizer.from_pretrained(hf)
+    args = GRPOConfig(output_dir=str(OUT / "trl-grpo"), per_device_train_batch_size=P * G, num_generations=G,
+                      max_completion_length=L, learning_rate=1e-6, max_steps=rounds + 1, logging_steps=1,
+                      report_to=[], use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
+                      save_strategy="no", temperature=1.0, beta=0.0, loss_type="grpo", disable_dropout=True,
+                      shuffle_dataset=False, dataloader_num_workers=0)
+    cb = StepTimes()
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(hf), reward_funcs=reward, args=args,
+                          train_dataset=Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"]}
+                                                           for p in prompts]),
+                          processing_class=hf_tok, callbacks=[cb.callback])
+    mine = _time_ours(ours, 1)                       # warm-up (engine built on first use)
+    src.engine.generate_s = 0.0
+    mine = _time_ours(ours, rounds)
+    gen_share = src.engine.generate_s / sum(mine)
+    trainer.train()
+    theirs = cb.times[1:]                            # the first step builds caches: left out on both sides
+    m, t = statistics.median(mine), statistics.median(theirs)
+    return {"prompts": P, "G": G, "max_completion_len": L, "ours_step_s": round(m, 4), "trl_step_s": round(t, 4),
+            "ratio_ours_over_trl": round(m / t, 3), "ours_generate_share": round(gen_share, 3)}
+
+
+def dpo_speed(base: Path, hf: Path, rounds: int, quick: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from lmstack.align import DPOObjective, PairBatches, reference_logps, tokenize_pairs
+    from lmstack.align.runner import load_policy
+    B = 4 if quick else 16
+    records = D.tinyworld_pairs(seed=0, n=B * (rounds + 2), tasks=("arithmetic", "instruction"))
+    policy, tok, _ = load_policy(str(base))
+    pairs = tokenize_pairs(tok, records, "plain", policy.config.context_length)
+    ref = reference_logps(policy, pairs)
+    ours = _ours_trainer(policy, DPOObjective(0.1), PairBatches(pairs, B, extras=ref), OUT / "speed-dpo", B, 1e-6)
+    hf_tok = AutoTokenizer.from_pretrained(hf)
+    args = DPOConfig(output_dir=str(OUT / "trl-dpo"), per_device_train_batch_size=B, learning_rate=1e-6,
+                     max_steps=rounds + 1, logging_steps=1, report_to=[], use_cpu=not torch.cuda.is_available(),
+                     bf16=torch.cuda.is_available(), save_strategy="no", beta=0.1, precompute_ref_log_probs=True,
+                     max_length=policy.config.context_length, disable_dropout=True, dataloader_num_workers=0)
+    cb = StepTimes()
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(hf), args=args, processing_class=hf_tok,
+                         train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                                          for r in records]), callbacks=[cb.callback])
+    _time_ours(ours, 1)
+    mine = _time_ours(ours, rounds)
+    trainer.train()
+    theirs = cb.times[1:]
+    m, t = statistics.median(mine), statistics.median(theirs)
+    return {"pairs_per_step": B, "ours_step_s": round(m, 4), "trl_step_s": round(t, 4), "ratio_ours_over_trl":
+            round(m / t, 3)}
+
+
+def speed(base: Path, rounds: int, quick: bool) -> dict:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("trl is not installed (pip install trl); speed comparison skipped")
+        return {}
+    hf = _hf_export(base)
+    return {"grpo": grpo_speed(base, hf, rounds, quick), "dpo": dpo_speed(base, hf, rounds, quick)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["base", "effect", "speed", "all"])
+    ap.add_argument("--quick", action="store_true", help="a few steps of everything, to check the script")
+    ap.add_argument("--only", default="rm,dpo,grpo,ppo", help="effects to measure")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)   # 2 threads ran ~10x slower on a shared 2-core box
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    base = base_model(quick=args.quick)
+    report = {}
+    if args.what in ("effect", "all"):
+        report["effect"] = effect(base, args.only.split(","), args.quick)
+    if args.what in ("speed", "all"):
+        report["speed"] = speed(base, args.rounds, args.quick)
+    print(json.dumps(report, indent=2))
+    (OUT / f"report{'-quick' if args.quick else ''}.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Quantized decode speed: float32 vs INT8 / INT4 / NF4 on the same model, side by side.
+
+    .venv/bin/python benchmarks/bench_quant.py            # decode through LLM: 8x512 and 6x768 Llama-shaped
+    .venv/bin/python benchmarks/bench_quant.py --quick    # fewer repeats and tokens (a busy machine)
+    .venv/bin/python benchmarks/bench_quant.py --fallback # also the PyTorch path (dequantize + F.linear)
+    .venv/bin/python benchmarks/bench_quant.py --micro    # one linear: fp32, PyTorch path, torch's packed
+                                                          # kernels, ours; batch 1/4/16; GB/s
+
+Decode: each model (random weights: speed does not depend on them) is quantized with RTN
+INT8 per output channel, RTN INT4 in groups of 128 and NF4 (blocks of 64), every linear of
+the blocks (the LM head stays float32, as `all-linear` leaves it). Each variant gets its own
+`LLM`; repetitions interleave the variants (rotating the order) so machine noise hits all
+alike. Batch-1 greedy decode rate = (N - 1) / (t(N tokens) - t(1 token)) from one 8-token
+prompt, which removes the prefill; prefix caching is off so both runs prefill alike.
+Reported: the median tokens/s, the median over repetitions of (variant / float32), the stored
+bits per parameter of the quantized linears (codes + scales + zero points / absmax) and of the
+whole model's weights, and the weight bytes read per token times tokens/s (a lower bound on
+the bandwidth achieved: attention, norms and the engine take time too), against this
+machine's measured read bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmstack import kernels
+from lmstack.infer import LLM, SamplingParams
+from lmstack.model.config import ModelConfig
+from lmstack.model.quantized import QuantLinear, codebook
+from lmstack.model.transformer import Transformer
+from lmstack.quant import QuantConfig, quantize_model
+
+MODELS = {  # name -> Llama-shaped config (RoPE, RMSNorm, SwiGLU, GQA), untied LM head
+    "8x512 (28M)": dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=4, vocab_size=4096),
+    "6x768 (49M)": dict(n_layer=6, n_embd=768, n_head=12, n_kv_head=12, vocab_size=4096),
+}
+VARIANTS = {"fp32": None, "int8": QuantConfig(method="rtn", bits=8),
+            "int4": QuantConfig(method="rtn", bits=4, group_size=128), "nf4": QuantConfig(method="nf4")}
+
+
+def median_time(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def read_bandwidth() -> tuple[float, float]:
+    """GB/s of this machine: (read: sum over 256 MiB; copy: bytes read + written by copy_)."""
+    a = torch.ones(64 * 2**20)
+    b = torch.empty_like(a)
+    t_read = median_time(lambda: a.sum(), 5)
+    t_copy = median_time(lambda: b.copy_(a), 5)
+    return a.nbytes / t_read / 1e9, 2 * a.nbytes / t_copy / 1e9
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes of all stored weights, bytes read per decode step: blocks' linears + LM head)."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    emb = model.get_submodule("wte").weight if hasattr(model, "wte") else None
+    per_step = total - (emb.numel() * emb.element_size() if emb is not None else 0)
+    return total, per_step
+
+
+def quant_bits(model) -> float:
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    n = sum(m.in_features * m.out_features for m in mods)
+    return sum(m.bits_per_param() * m.in_features * m.out_features for m in mods) / n if n else 32.0
+
+
+def build_variants(overrides: dict, fallback: bool) -> dict:
+    torch.manual_seed(0)
+    base = Transformer(ModelConfig(tie_embeddings=False, context_length=512, **overrides)).eval()
+    state = base.state_dict()
+    out = {}
+    for name, qc in VARIANTS.items():
+        model = Transformer(base.config).eval()
+        model.load_state_dict(state)
+        if qc is not None:
+            quantize_model(model, qc)
+        llm = LLM(model, kv_cache_tokens=1024, max_num_seqs=1, enable_prefix_caching=False)
+        out[name] = (llm, False)
+        if fallback and qc is not None and name != "nf4":
+            out[name + " (PyTorch path)"] = (llm, True)
+    return out
+
+
+def decode_rate(llm, disabled: bool, prompt: list[int], n: int) -> tuple[float, float]:
+    """(seconds for 1 token, seconds for n tokens) of batch-1 greedy generation."""
+    def gen(k):
+        t0 = time.perf_counter()
+        llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True))
+        return time.perf_counter() - t0
+    if disabled:
+        with kernels.disabled():
+            return gen(1), gen(n)
+    return gen(1), gen(n)
+
+
+def bench_decode(args) -> None:
+    read_gbs, copy_gbs = read_bandwidth()
+    print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average "
+          f"{os.getloadavg()[0]:.1f}; bandwidth: read {read_gbs:.1f} GB/s, copy (read+write) {copy_gbs:.1f} GB/s; "
+          f"kernels: {'built' if kernels.available() else kernels.unavailable_reason()}")
+    prompt = list(range(11, 19))
+    for mname, overrides in MODELS.items():
+        variants = build_variants(overrides, args.fallback)
+        for llm, disabled in variants.values():          # warm up every variant once
+            decode_rate(llm, disabled, prompt, 4)
+        rates = {k: [] for k in variants}
+        names = list(variants)
+        for r in range(args.reps):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for k in order:
+                t1, tn = decode_rate(*variants[k], prompt, args.tokens)
+                rates[k].append((args.tokens - 1) / max(tn - t1, 1e-9))
+        print(f"\n== {mname}: {args.reps} repetitions x {args.tokens} tokens")
+        print(f"{'variant':<22}{'tok/s':>9}{'vs fp32':>9}{'bits/param':>12}{'weights MB':>12}{'GB/s':>8}")
+        fp32 = rates["fp32"]
+        for k, (llm, _) in variants.items():
+            total, per_step = weight_bytes(llm.model)
+            ratio = statistics.median(a / b for a, b in zip(rates[k], fp32))
+            tps = statistics.median(rates[k])
+            print(f"{k:<22}{tps:>9.1f}{ratio:>8.2f}x{quant_bits(llm.model):>12.2f}{total / 1e6:>12.1f}"
+                  f"{per_step * tps / 1e9:>8.1f}")
+    print("\nbits/param: the quantized linears' stored bits (codes + statistics); weights MB: the whole "
+          "state dict (embeddings and the float32 LM head included); GB/s: weight bytes read per token x "
+          "tokens/s")
+
+
+# ---- --micro: one linear layer --------------------------------------------------------------
+
+def micro_case(K: int, N: int, M: int, reps: int) -> dict:
+    """Median microseconds of each implementation of a (M, K) x (K, N) linear."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(N, K, generator=g) * 0.02
+    x = torch.randn(M, K, generator=g)
+    q8 = torch.randint(1, 256, (N, K), dtype=torch.uint8, generator=g)
+    s8 = torch.rand(N, 1, generator=g) * 0.01
+    q4 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    s4 = torch.rand(N, K // 128, generator=g) * 0.01
+    s64 = torch.rand(N, K // 64, generator=g)
+    nf4 = codebook("nf4", torch.device("cpu"))
+    i8 = (q8.to(torch.int16) - 128).to(torch.int8)             # torch's int8 kernel: signed codes
+    packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g), 1)
+    sz = torch.rand(K // 128, N, 2, generator=g)
+    deq8 = lambda: (q8.float() - 128) * s8                     # noqa: E731  the PyTorch path's dequantize
+    cases = {
+        "fp32": lambda: F.linear(x, w),
+        "deq+fp32 i8": lambda: F.linear(x, deq8()),
+        "torch i8": lambda: torch._weight_int8pack_mm(x, i8, s8.view(-1)),
+        "torch i4": lambda: torch._weight_int4pack_mm_for_cpu(x, packed4, 128, sz),
+        "torch i8 bf16x": lambda: torch._weight_int8pack_mm(x.bfloat16(), i8, s8.view(-1).bfloat16()),
+    }
+    if kernels.available():
+        cases.update({"ours i8": lambda: kernels.quant_linear(x, q8, s8, None, None, 8, K, None),
+                      "ours i4 g128": lambda: kernels.quant_linear(x, q4, s4, None, None, 4, 128, None),
+                      "ours nf4 b64": lambda: kernels.quant_linear(x, q4, s64, None, nf4, 4, 64, None)})
+    for fn in cases.values():
+        fn()
+    times = {k: [] for k in cases}
+    for _ in range(reps):                  # interleaved
+        for k, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+
+def bench_micro(args) -> None:
+    read_gbs, copy_gbs = read_bandwidth()
+    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; bandwidth: read "
+          f"{read_gbs:.1f} GB/s, copy (read+write) {copy_gbs:.1f} GB/s. Median microseconds; GB/s = weight "
+          f"bytes (incl. scales) / time")
+    head = None
+    for K, N in ((768, 2304), (2048, 5632), (5632, 2048)):
+        for M in args.rows:
+            r = micro_case(K, N, M, args.reps)
+            if head is None:
+                head = list(r)
+                print(f"{'K x N':<12}{'M':>4}" + "".join(f"{k:>15}" for k in head) + f"{'GB/s fp32/i8/i4':>18}")
+            gbs = [N * K * 4 / r["fp32"] / 1e3]
+            if "ours i8" in r:
+                gbs += [N * (K + 4) / r["ours i8"] / 1e3, N * (K / 2 + 4 * K / 128) / r["ours i4 g128"] / 1e3]
+            print(f"{f'{K}x{N}':<12}{M:>4}" + "".join(f"{r[k]:>15.0f}" for k in head) +
+                  f"{'/'.join(f'{v:.1f}' for v in gbs):>18}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--micro", action="store_true", help="the single-linear kernel table instead of decode")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16], help="--micro: batch rows M")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default: 7 decode, 30 micro)")
+    p.add_argument("--tokens", type=int, default=64, help="decode: tokens generated per run")
+    p.add_argument("--quick", action="store_true", help="3 repetitions of 32 tokens")
+    p.add_argument("--fallback", action="store_true", help="decode: also INT8/INT4 on the PyTorch path")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.reps, args.tokens = args.reps or 3, 32
+    if args.micro:
+        args.reps = args.reps or 30
+        bench_micro(args)
+    else:
+        args.reps = args.reps or 7
+        bench_decode(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""`lmstack rag`: build a retrieval index over documents, and answer questions from it.
+
+    lmstack rag index notes/ --out idx --run runs/tiny        # BM25 + dense embeddings of runs/tiny
+    lmstack rag index docs.jsonl --out idx                    # BM25 only ({"id", "text"} lines)
+    lmstack rag index tinyworld --out idx --run runs/tiny     # tinyworld's knowledge base
+    lmstack rag ask runs/tiny idx "where does Bolo live?" --k 3
+
+`ask` prints the answer with numbered citations, then the cited sources with their document
+ids and character spans; when nothing relevant is retrieved it abstains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmstack.cli.options import Parser, add_options, build_options
+from lmstack.utils import LmstackError
+
+MODES = ("auto", "bm25", "dense", "hybrid", "none")
+
+
+@dataclass
+class RagIndexOptions:
+    out: str = field(default="", metadata={"help": "index folder to write (required)"})
+    run: str | None = field(default=None, metadata={
+        "help": "run or HF folder: its tokenizer counts chunk tokens and its model embeds the chunks "
+                "(without it: BM25 only, chunks counted in bytes)"})
+    chunk_tokens: int = field(default=128, metadata={"help": "tokens per chunk"})
+    overlap: int = field(default=32, metadata={"help": "tokens shared by neighbouring chunks"})
+    layer: int = field(default=-1, metadata={"help": "hidden-state layer mean-pooled into embeddings"})
+    seed: int = field(default=0, metadata={"help": "tinyworld seed (DOCS=tinyworld)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
+
+
+@dataclass
+class RagAskOptions:
+    mode: str = field(default="auto", metadata={
+        "help": "auto (hybrid if the index has embeddings, else bm25) | bm25 | dense | hybrid | none (closed book)"})
+    k: int = field(default=3, metadata={"help": "chunks put in the prompt"})
+    bm25_min_score: float | None = field(default=3.0, metadata={
+        "help": "BM25 relevance floor: below it a chunk is not relevant (all below: abstain)"})
+    dense_min_score: float | None = field(default=None, metadata={"help": "cosine relevance floor (none = off)"})
+    max_tokens: int = field(default=16, metadata={"help": "most tokens of the answer"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
+
+
+def byte_tokenizer():
+    """Every byte one token: the chunk unit when no run's tokenizer is given."""
+    from lmstack.tokenizer import Tokenizer
+    return Tokenizer({i: bytes([i]) for i in range(256)}, [])
+
+
+def _index(args) -> int:
+    from lmstack.rag import DenseEncoder, Index, load_documents
+
+    opts: RagIndexOptions = build_options(RagIndexOptions, args)
+    if not opts.out:
+        raise LmstackError("--out IDX is required: the index folder to write")
+    docs = load_documents(args.docs, seed=opts.seed)
+    encoder, tok = None, byte_tokenizer()
+    if opts.run:
+        from lmstack.infer.loader import load
+        from lmstack.utils import pick_device
+        model, tok, _ = load(opts.run, device=pick_device(opts.device))      # no engine: no KV cache
+        if tok is None:
+            raise LmstackError(f"{opts.run} has no tokenizer.json; chunking needs the run's tokenizer")
+        encoder = DenseEncoder(model, tok, layer=opts.layer)
+    index = Index.build(docs, tok, chunk_tokens=opts.chunk_tokens, overlap=opts.overlap, encoder=encoder)
+    index.save(opts.out)
+    dense = f", dense dim {index.embeddings.shape[1]} (layer {encoder.layer})" if encoder else ", BM25 only"
+    print(f"indexed {len(docs)} documents as {len(index)} chunks into {opts.out}{dense}")
+    return 0
+
+
+def make_retriever(mode: str, index, llm, opts: RagAskOptions):
+    """The retriever a mode names (None for closed book)."""
+    from lmstack.rag import BM25Retriever, DenseEncoder, DenseRetriever, HybridRetriever
+
+    if mode not in MODES:
+        raise LmstackError(f"unknown --mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode == "auto":
+        mode = "hybrid" if index.embeddings is not None else "bm25"
+    if mode == "none":
+        return None
+    bm25 = BM25Retriever(index, opts.bm25_min_score)
+    if mode == "bm25":
+        return bm25
+    layer = (index.encoder or {}).get("layer", -1)
+    dense = DenseRetriever(index, DenseEncoder(llm.model, llm.tokenizer, layer=layer), opts.dense_min_score)
+    return dense if mode == "dense" else HybridRetriever([bm25, dense])
+
+
+def _ask(args) -> int:
+    from lmstack.infer import LLM
+    from lmstack.rag import Index, answer
+
+    opts: RagAskOptions = build_options(RagAskOptions, args)
+    index = Index.load(args.index)
+    llm = LLM(args.model, device=opts.device, max_num_seqs=1)
+    if llm.tokenizer is None:
+        raise LmstackError(f"{args.model} has no tokenizer.json; `rag ask` needs text in and out")
+    ans = answer(llm, make_retriever(opts.mode, index, llm, opts), args.question, k=opts.k,
+                 max_tokens=opts.max_tokens)
+    if ans.error:
+        raise LmstackError(ans.error)
+    print(ans.text)
+    for n in ans.citations:
+        if 1 <= n <= len(ans.hits):
+            c = ans.hits[n - 1].chunk
+            print(f"[{n}] {c.doc_id} chars {c.start}-{c.end}: {c.text.strip()}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("rag", help="retrieval-augmented generation: index documents, ask questions",
+                              description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="rag_command", metavar="SUBCOMMAND", parser_class=Parser)
+    i = sub.add_parser("index", help="chunk, BM25-index and embed documents into an index folder",
+                       description="Build an index from DOCS: a folder of .txt/.md files, a JSONL file with "
+                                   "{\"id\", \"text\"} lines, or 'tinyworld' (its knowledge base).")
+    i.add_argument("docs", metavar="DOCS", help="folder, .jsonl file, or tinyworld")
+    add_options(i, RagIndexOptions, recipe=False)
+    i.set_defaults(func=_index)
+    a = sub.add_parser("ask", help="answer a question from an index, with citations",
+                       description="Retrieve chunks for QUESTION from IDX and answer with the model of RUN.")
+    a.add_argument("model", metavar="RUN", help="run directory or Hugging Face checkpoint folder")
+    a.add_argument("index", metavar="IDX", help="index folder made by `lmstack rag index`")
+    a.add_argument("question", help="the question")
+    add_options(a, RagAskOptions, recipe=False)
+    a.set_defaults(func=_ask)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -1,0 +1,236 @@
+"""Log-likelihood of continuations through the inference engine, lm-evaluation-harness's way.
+
+    from lmstack.eval import loglikelihood, loglikelihood_rolling
+    loglikelihood("runs/tiny", [("Q: 2+2=", "4"), ("Q: 2+2=", "5")], batch_size=16)
+    # -> [(logprob_sum, is_greedy), ...]   one per (context, continuation) pair
+    loglikelihood_rolling(llm, ["a whole document ..."])   # -> [logprob_sum of every token]
+
+The rules are lm-eval's (`HFLM`), so the numbers agree with it on the same model:
+
+* a pair is split as `_encode_pair` does: trailing whitespace of the context moves to the
+  front of the continuation; the context's tokens are `encode(context)`, the continuation's
+  are the tokens of `encode(context + continuation)` after the first len(context tokens);
+  the model reads context tokens + continuation tokens;
+* an empty context becomes the prefix token (BOS if the tokenizer names one, else
+  end-of-text), unless the continuation already starts with it, in which case that first
+  token is the context;
+* a pair too long for the model keeps its last tokens (truncated from the left);
+* `is_greedy`: every continuation token is the model's argmax at its position;
+* rolling windows (perplexity) are `get_rolling_token_windows` + `make_disjoint_window`:
+  the first window starts from the prefix token, each token is scored exactly once, with as
+  much context as fits (`context_len` = 1: windows of `max_length` back to back, each
+  reading the one token before it; larger: each window after the first reads the
+  `context_len` tokens before it and predicts `max_length - context_len + 1`).
+
+Lengths. The engine scores a prompt of at most `max_model_len - 1` tokens (it always samples
+one token after it). lm-eval's `max_length` counts the model's input, which is one token
+shorter than context + continuation, so ours is `max_model_len - 2`; pass HFLM that
+`max_length` to compare truncated inputs.
+
+How it runs. Each pair is one engine request for context + continuation with
+`prompt_logprobs` on from the first continuation token (`prompt_logprobs_start`): the
+engine returns log p(token | everything before) for those tokens, and its prefix cache may
+serve the context's full KV blocks. Pairs are sorted by context and, within each batch, the
+first pair of every context runs before the others: when the others are admitted, the
+context's blocks are cached and only the part of the last block before the continuation is
+recomputed. Multiple choice with 4 options computes each question once, not 4 times
+(`llm.stats()["prompt_tokens"]` counts what was computed).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from lmstack.utils import LmstackError
+
+Pair = tuple[str, str]
+TokenPair = tuple[list[int], list[int]]
+
+
+# ------------------------------------------------------------------ the model
+def as_llm(model, **engine_kwargs):
+    """(LLM, prefix token id) for a run directory, a HF folder or an `LLM`."""
+    from lmstack.infer import LLM
+
+    if isinstance(model, LLM):
+        return model, prefix_token_id(model)
+    if not isinstance(model, (str, Path)):
+        raise LmstackError(f"model must be a run directory, a Hugging Face folder or an lmstack LLM, "
+                           f"got {type(model).__name__}")
+    # Small KV blocks: the prefix cache shares whole blocks, so each choice recomputes the part
+    # of its context's last block before the continuation: at most 3 tokens with blocks of 4
+    # instead of 15 with the engine's default 16; the block bookkeeping stays negligible.
+    llm = LLM(str(model), **{"block_size": 4, **engine_kwargs})
+    if llm.tokenizer is None:
+        raise LmstackError(f"{model} has no tokenizer.json; text pairs need the model's tokenizer")
+    return llm, prefix_token_id(llm, Path(model))
+
+
+def prefix_token_id(llm, folder: Path | None = None) -> int:
+    """The token an empty context stands for: the folder's BOS (tokenizer_config.json
+    `bos_token`, if it is one of the tokenizer's tokens), else end-of-text, as lm-eval's
+    `prefix_token_id` (bos_token_id, else eos_token_id)."""
+    specials = getattr(llm.tokenizer, "special_tokens", {}) or {}
+    config = folder / "tokenizer_config.json" if folder is not None else None
+    if config is not None and config.is_file():
+        bos = json.loads(config.read_text()).get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        if isinstance(bos, str) and bos in specials:
+            return specials[bos]
+    eot = getattr(llm.tokenizer, "eot_token", None)
+    if eot is not None:
+        return eot
+    if llm.engine.eos_token_id is not None:
+        return llm.engine.eos_token_id
+    raise LmstackError("the model has neither a BOS nor an end-of-text token to stand for an empty context")
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Text -> ids as the engine and a HF tokenizer do: special-token text becomes the token."""
+    return tokenizer.encode(text, allowed_special="all")
+
+
+def encode_pair(tokenizer, context: str, continuation: str, prefix_token: int) -> TokenPair:
+    """(context ids, continuation ids) by lm-eval's rule (module docstring)."""
+    if context == "":
+        cont = encode(tokenizer, continuation)
+        if cont and cont[0] == prefix_token:
+            return cont[:1], cont[1:]
+        return [prefix_token], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = encode(tokenizer, context + continuation)
+    ctx = encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+# ------------------------------------------------------------------ scoring token pairs
+def fit(pair: TokenPair, max_prompt: int) -> tuple[list[int], int]:
+    """(prompt ids, index of the first continuation token) for one pair, truncated from the
+    left to `max_prompt` tokens. Raises when the continuation leaves no room for context."""
+    ctx, cont = pair
+    if len(cont) > max_prompt - 1:
+        raise LmstackError(f"the continuation has {len(cont)} tokens; with at least one token of context "
+                           f"it cannot fit the model's {max_prompt} scorable tokens")
+    whole = (list(ctx) + list(cont))[-max_prompt:]
+    return whole, len(whole) - len(cont)
+
+
+def max_prompt_tokens(llm) -> int:
+    """Longest prompt the engine scores: its context minus the one token it always samples."""
+    return llm.engine.max_model_len - 1
+
+
+def loglikelihood_tokens(llm, pairs: Sequence[TokenPair], batch_size: int = 16) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation token | before), all argmax) per (context ids, continuation
+    ids) pair, in order. A pair with an empty continuation scores (0.0, True): log 1."""
+    from lmstack.infer import SamplingParams
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise LmstackError(f"batch_size must be a positive int, got {batch_size!r}")
+    max_prompt = max_prompt_tokens(llm)
+    prompts: list[tuple[list[int], int] | None] = []
+    for i, pair in enumerate(pairs):
+        if not pair[1]:
+            prompts.append(None)
+            continue
+        try:
+            prompts.append(fit(pair, max_prompt))
+        except LmstackError as e:
+            raise LmstackError(f"pair {i}: {e}") from None
+    results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+    # contexts together, so that choices of one question share a batch and its prefix cache
+    order = sorted((i for i, p in enumerate(prompts) if p is not None),
+                   key=lambda i: (prompts[i][0][:prompts[i][1]], i))
+    for chunk in (order[k:k + batch_size] for k in range(0, len(order), batch_size)):
+        for wave in _waves(chunk, prompts):
+            params = [SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0,
+                                     prompt_logprobs_start=prompts[i][1]) for i in wave]
+            outs = llm.generate([prompts[i][0] for i in wave], params)
+            for i, out in zip(wave, outs):
+                if out.error is not None:
+                    raise LmstackError(f"pair {i}: the engine failed it: {out.error}")
+                results[i] = _score(out, prompts[i][0], prompts[i][1])
+    return results
+
+
+def _waves(chunk: list[int], prompts) -> list[list[int]]:
+    """[first pair of each context, the rest]: the rest are admitted once the firsts' context
+    blocks are in the prefix cache (requests admitted in one step cannot share blocks)."""
+    seen, first, rest = set(), [], []
+    for i in chunk:
+        ids, start = prompts[i]
+        key = tuple(ids[:start])
+        (rest if key in seen else first).append(i)
+        seen.add(key)
+    return [w for w in (first, rest) if w]
+
+
+def _score(out, ids: list[int], start: int) -> tuple[float, bool]:
+    total, greedy = 0.0, True
+    for pos in range(start, len(ids)):
+        lp = out.prompt_logprobs[pos][ids[pos]]
+        total += lp.logprob
+        greedy = greedy and lp.rank == 1
+    return total, greedy
+
+
+# ------------------------------------------------------------------ the public API
+def loglikelihood(model, pairs: Sequence[Pair], batch_size: int = 16) -> list[tuple[float, bool]]:
+    """[(log p(continuation | context), is_greedy)] for (context, continuation) string pairs.
+
+    `model`: a run directory, a Hugging Face folder, or an `lmstack.infer.LLM`. Splitting,
+    empty contexts and truncation follow lm-eval's HFLM (module docstring). The result does
+    not depend on `batch_size` (tests/eval/test_loglikelihood.py checks it bit for bit)."""
+    llm, prefix = as_llm(model)
+    token_pairs = []
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise LmstackError(f"pairs[{i}] must be a (context, continuation) pair of strings, got {pair!r:.80}")
+        token_pairs.append(encode_pair(llm.tokenizer, pair[0], pair[1], prefix))
+    return loglikelihood_tokens(llm, token_pairs, batch_size)
+
+
+def rolling_windows(tokens: list[int], prefix_token: int, max_length: int,
+                    context_len: int = 1) -> Iterator[TokenPair]:
+    """lm-eval's disjoint rolling windows over `tokens`: (context, continuation) pairs whose
+    continuations partition `tokens`; each context + continuation holds <= max_length + 1
+    tokens (the model reads max_length of them)."""
+    if not 1 <= context_len <= max_length:
+        raise LmstackError(f"context_len must be in [1, max_length={max_length}], got {context_len}")
+    if not tokens:
+        return
+    pred_len = max_length - context_len + 1
+    first = min(max_length, len(tokens))
+    yield [prefix_token], tokens[:first]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, pred_len)
+        end = done + n
+        window = tokens[max(end - max_length - 1, 0):end - 1]          # the model's input
+        yield window[:len(window) - (n - 1)], tokens[end - n:end]    # context = input minus the scored part
+        done = end
+
+
+def loglikelihood_rolling(model, texts: Sequence[str], batch_size: int = 16, max_length: int | None = None,
+                          context_len: int = 1) -> list[float]:
+    """Sum of log p(token | context) over every token of each text (lm-eval's rolling
+    loglikelihood; the first token is predicted from the prefix token). `max_length`
+    defaults to the longest the engine scores (max_model_len - 2)."""
+    llm, prefix = as_llm(model)
+    limit = max_prompt_tokens(llm) - 1
+    max_length = limit if max_length is None else max_length
+    if not 1 <= max_length <= limit:
+        raise LmstackError(f"max_length must be in [1, {limit}] for this model (context "
+                           f"{llm.engine.max_model_len}), got {max_length}")
+    windows, owner = [], []
+    for i, text in enumerate(texts):
+        for w in rolling_windows(encode(llm.tokenizer, text), prefix, max_length, context_len):
+            windows.append(w)
+            owner.append(i)
+    totals = [0.0] * len(texts)
+    for i, (lp, _) in zip(owner, loglikelihood_tokens(llm, windows, batch_size)):
+        totals[i] += lp
+    return totals

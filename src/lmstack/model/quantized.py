@@ -1,0 +1,366 @@
+"""Weight-only quantized linears: the modules a quantized run computes with, at floor 1.
+
+A quantizer (lmstack.quant, floor 3) replaces `nn.Linear` modules through the seam
+(replace.py) with one of these. Each keeps its packed codes under the base's state-dict name
+`weight` (as bitsandbytes does) and its statistics beside it, so model.safetensors holds the
+quantized model and loading rebuilds the structure from the "quant" record, then loads it.
+
+  IntLinear   INT8 / INT4 on a uniform grid, per output channel or in groups of g inputs
+      weight        (out, in) uint8 codes (INT8), or (out, in/2) two 4-bit codes per byte
+                    (the even column in the high nibble, bitsandbytes' order)
+      weight_scale  (out, in/g) float   grid step of each group (g = in: per channel)
+      weight_zero   (out, in/g) uint8   zero point (asymmetric only; symmetric: 2^(bits-1))
+      awq_scale     (in,) float         AWQ's per-input-channel factor s (method "awq" only)
+    W_hat[o, i] = (code[o, i] - zero[o, i // g]) * scale[o, i // g] / s[i]
+    symmetric codes lie in [1, 2^bits - 1] (levels -(2^(b-1) - 1) .. 2^(b-1) - 1, zero exact);
+    asymmetric codes in [0, 2^bits - 1] with the zero point chosen so 0.0 is on the grid.
+
+  NF4Linear   QLoRA's 4-bit NormalFloat (Dettmers et al. 2023), bit-compatible with
+              bitsandbytes' quantize_4bit(quant_type="nf4", compress_statistics=True)
+      weight               (out, in/2) uint8 NF4 indices, two per byte (high nibble first)
+      weight_absmax        (n_blocks,) uint8  each block's absmax, double-quantized
+      weight_absmax_scale  (ceil(n_blocks/256),) float32  scale of each 256-block of absmax
+      weight_absmax_offset () float32  mean of all absmax, subtracted before quantizing them
+    absmax[b] = DYNAMIC[weight_absmax[b]] * weight_absmax_scale[b // 256] + offset
+    W_hat     = NF4[index] * absmax[block]        (blocks of 64 consecutive weights of a row)
+
+Every module computes `forward(x) = F.linear(x, self.dequantize(x.dtype), bias)`, by one of
+paths. On CPU in float32, with the compiled kernels built (lmstack/kernels), inference runs
+kernels.quant_linear: at decode and small batches it reads the codes and decodes them in
+registers, so the weight is read at 8 or 4 bits instead of 32, which is what makes a quantized
+model faster than its float32 original; for prefill it feeds MKL's GEMM block by block.
+QLoRA training through the layer gets F.linear on the weight dequantized in one C++ pass
+(bit-equal to dequantize()). Everything else (bf16, CUDA, no kernels built) runs F.linear on
+dequantize(), in PyTorch.
+`dequantize()` is the float weight LoRA-on-quantized (QLoRA) and
+merging build on. Statistics are float buffers, so
+`model.to(torch.bfloat16)` rounds them too (bitsandbytes keeps NF4's in float32; a bf16
+NF4 model is then within bf16 rounding of it, not bit-equal).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmstack import kernels
+from lmstack.model.replace import SeamError, find_linears, replace_linears
+from lmstack.model.transforms import register_transform
+
+METHODS = ("rtn", "nf4", "gptq", "awq")
+INT_BITS = (4, 8)
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # the block sizes bitsandbytes accepts
+ABSMAX_BLOCK = 256                                            # double quantization's block of absmax values
+
+# QLoRA's NormalFloat4 table: quantiles of N(0, 1) scaled to [-1, 1] with an exact zero,
+# the values bitsandbytes ships (create_normal_map(offset=0.9677083)).
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+
+
+def _dynamic_map() -> Tensor:
+    """bitsandbytes' signed 8-bit "dynamic tree" code (Dettmers 2015), 256 sorted float32 values.
+
+    For exponent e = 0..6 the decade 10^(e-6) holds 2^e values, the midpoints of 2^e + 1
+    evenly spaced points in [0.1, 1], with both signs; plus 0 and 1. Built with the same
+    float32 steps as bitsandbytes' create_dynamic_map so the table is equal bit for bit."""
+    values: list[float] = []
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** e + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        values += ((10 ** (e - 6)) * means).tolist()
+        values += (-(10 ** (e - 6)) * means).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+DYNAMIC_MAP = _dynamic_map()
+NF4_CODE = torch.tensor(NF4_VALUES, dtype=torch.float32)
+_ON_DEVICE: dict[tuple[str, torch.device], Tensor] = {}
+
+
+def codebook(name: str, device: torch.device) -> Tensor:
+    """A constant float32 table ("nf4" or "dynamic") on `device`, cached. Tables are not
+    buffers: model.to(bfloat16) must never round them."""
+    key = (name, torch.device(device))
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = (NF4_CODE if name == "nf4" else DYNAMIC_MAP).to(device)
+    return _ON_DEVICE[key]
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """(..., n) integer codes in [0, 15], n even -> (..., n/2) uint8, even index in the high nibble."""
+    c = codes.to(torch.uint8)
+    return (c[..., 0::2] << 4) | c[..., 1::2]
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of pack_int4: (..., n/2) uint8 -> (..., n) uint8 codes."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).flatten(-2)
+
+
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The codes a grid uses: symmetric [1, 2^b - 1] around 2^(b-1), asymmetric [0, 2^b - 1]."""
+    return (1 if symmetric else 0), 2 ** bits - 1
+
+
+class QuantError(SeamError):
+    """A quantization setting that does not fit a layer, or a model that cannot be quantized."""
+
+
+class QuantLinear(nn.Module):
+    """Base of the quantized linears: a frozen weight computed from stored codes by dequantize()."""
+
+    def __init__(self, out_features: int, in_features: int, bias: Tensor | None):
+        super().__init__()
+        self.base_linear_shape = (out_features, in_features)
+        self.bias = bias           # the base linear's Parameter, adopted under the same name (or None)
+
+    @property
+    def out_features(self) -> int:
+        return self.base_linear_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.base_linear_shape[1]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The (out, in) float weight this module computes with, in `dtype` (default: the
+        dtype of its statistics; float32 for NF4, which bitsandbytes computes in float32)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.bias
+        if not self._kernel_fits(x):
+            return F.linear(x, self.dequantize(x.dtype), b)
+        if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
+            # QLoRA training through the layer: autograd differentiates F.linear in x and bias
+            # (the weight is a constant), on the weight dequantized in one C++ pass
+            return F.linear(x, self._kernel_dequantize(), b)
+        y = self._kernel_linear(x.reshape(-1, self.in_features).contiguous())   # (B*T, out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _kernel_fits(self, x: Tensor) -> bool:
+        """The compiled kernels serve float32 CPU inputs (and float32 statistics) once built."""
+        b = self.bias
+        return x.device.type == "cpu" and x.dtype == torch.float32 and (b is None or b.dtype == torch.float32) \
+            and kernels.available()
+
+    def _kernel_linear(self, x: Tensor) -> Tensor:
+        """x (M, in) contiguous float32 -> (M, out) = F.linear(x, dequantize(), bias) by kernels.quant_linear."""
+        raise NotImplementedError
+
+    def _kernel_dequantize(self) -> Tensor:
+        """dequantize() (float32) by kernels.quant_dequantize, bit for bit."""
+        raise NotImplementedError
+
+    def bits_per_param(self) -> float:
+        """Stored bits per weight: codes and every statistic (scales, zeros, absmax ...), bias and
+        runtime caches (non-persistent buffers) excluded."""
+        bits = sum(b.numel() * b.element_size() * 8 for n, b in self.named_buffers()
+                   if n not in self._non_persistent_buffers_set)
+        return bits / (self.out_features * self.in_features)
+
+
+class IntLinear(QuantLinear):
+    """INT8 / INT4 round-to-nearest grid (RTN, GPTQ, AWQ all produce this format)."""
+
+    def __init__(self, out_features: int, in_features: int, bits: int = 8, group_size: int | None = None,
+                 symmetric: bool = True, awq: bool = False, bias: Tensor | None = None,
+                 dtype: torch.dtype = torch.float32, device=None, name: str = "linear"):
+        super().__init__(out_features, in_features, bias)
+        if bits not in INT_BITS:
+            raise QuantError(f"{name}: bits={bits!r} is not supported; integer grids have bits in {INT_BITS}")
+        g = in_features if group_size is None else group_size
+        if not isinstance(g, int) or g <= 0 or in_features % g:
+            raise QuantError(f"{name}: group_size={group_size} does not divide in_features={in_features}; use a "
+                             f"group size that divides it, or group_size=None (one group per output channel)")
+        if bits == 4 and in_features % 2:
+            raise QuantError(f"{name}: INT4 packs two codes per byte, so in_features={in_features} must be even")
+        self.bits, self.group_size, self.symmetric, self.awq = bits, g, bool(symmetric), bool(awq)
+        n_groups = in_features // g
+        cols = in_features // 2 if bits == 4 else in_features
+        self.register_buffer("weight", torch.zeros(out_features, cols, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(out_features, n_groups, dtype=dtype, device=device))
+        if not self.symmetric:
+            self.register_buffer("weight_zero", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
+        if self.awq:
+            self.register_buffer("awq_scale", torch.ones(in_features, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def set_codes(self, codes: Tensor, scale: Tensor, zero: Tensor | None = None,
+                  awq_scale: Tensor | None = None) -> None:
+        """Store integer codes (out, in), scales (out, in/g) and, as the format needs them,
+        zero points (out, in/g) and the AWQ input scale (in,). Codes must lie on the grid."""
+        out_f, in_f = self.base_linear_shape
+        lo, hi = code_range(self.bits, self.symmetric)
+        if tuple(codes.shape) != (out_f, in_f) or tuple(scale.shape) != tuple(self.weight_scale.shape):
+            raise QuantError(f"codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit this "
+                             f"{out_f}x{in_f} layer with {self.weight_scale.shape[1]} group(s) per row")
+        if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+            raise QuantError(f"codes must lie in [{lo}, {hi}] for {self.bits}-bit "
+                             f"{'symmetric' if self.symmetric else 'asymmetric'} grids, got "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+        if (zero is None) != self.symmetric or (awq_scale is None) == self.awq:
+            raise QuantError("zero points go with asymmetric grids only, awq_scale with method 'awq' only")
+        codes = codes.to(torch.uint8)
+        self.weight.copy_(pack_int4(codes) if self.bits == 4 else codes)
+        self.weight_scale.copy_(scale)
+        if zero is not None:
+            self.weight_zero.copy_(zero)
+        if awq_scale is not None:
+            self.awq_scale.copy_(awq_scale)
+
+    def codes(self) -> Tensor:
+        """(out, in) uint8 codes."""
+        return unpack_int4(self.weight) if self.bits == 4 else self.weight
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        out_f, in_f = self.base_linear_shape
+        s = self.weight_scale                                          # (out, G)
+        q = self.codes().view(out_f, -1, self.group_size).to(s.dtype)  # (out, G, g)
+        z = float(2 ** (self.bits - 1)) if self.symmetric else self.weight_zero.to(s.dtype)[..., None]
+        w = ((q - z) * s[..., None]).view(out_f, in_f)
+        w = w / self.awq_scale if self.awq else w
+        return w if dtype is None else w.to(dtype)
+
+    def _kernel_fits(self, x: Tensor) -> bool:
+        stats = (self.weight_scale, self.awq_scale) if self.awq else (self.weight_scale,)
+        return all(t.dtype == torch.float32 for t in stats) and super()._kernel_fits(x)
+
+    def _kernel_linear(self, x: Tensor) -> Tensor:
+        if self.awq:   # W_hat = W' / s column-wise, so x @ W_hat^T = (x / s) @ W'^T
+            x = x / self.awq_scale
+        return kernels.quant_linear(x, self.weight, self.weight_scale, None if self.symmetric else self.weight_zero,
+                                    None, self.bits, self.group_size, self.bias)
+
+    def _kernel_dequantize(self) -> Tensor:
+        w = kernels.quant_dequantize(self.weight, self.weight_scale, None if self.symmetric else self.weight_zero,
+                                     None, self.bits, self.group_size)
+        return w / self.awq_scale if self.awq else w
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.group_size == self.in_features else self.group_size
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={g}, " \
+               f"symmetric={self.symmetric}{', awq' if self.awq else ''}"
+
+
+class NF4Linear(QuantLinear):
+    """4-bit NormalFloat with double-quantized block absmax (QLoRA), bitsandbytes' layout."""
+
+    def __init__(self, out_features: int, in_features: int, blocksize: int = 64, bias: Tensor | None = None,
+                 device=None, name: str = "linear"):
+        super().__init__(out_features, in_features, bias)
+        if blocksize not in NF4_BLOCKSIZES:
+            raise QuantError(f"{name}: NF4 block size {blocksize!r} is not one of {NF4_BLOCKSIZES}")
+        if in_features % blocksize:
+            raise QuantError(f"{name}: NF4 blocks of {blocksize} must divide in_features={in_features} (blocks "
+                             f"stay inside a row); choose a block size that divides it")
+        self.blocksize = blocksize
+        n_blocks = out_features * in_features // blocksize
+        n_outer = -(-n_blocks // ABSMAX_BLOCK)
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_absmax", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_absmax_scale", torch.zeros(n_outer, dtype=torch.float32, device=device))
+        self.register_buffer("weight_absmax_offset", torch.zeros((), dtype=torch.float32, device=device))
+        # the kernel's (out, in/blocksize) float32 absmax, decoded from the three buffers above once
+        # per load of them; not in the state dict. _absmax_key says which load it was decoded from.
+        self.register_buffer("absmax_cache", None, persistent=False)
+        self._absmax_key: tuple | None = None
+
+    @torch.no_grad()
+    def set_state(self, packed: Tensor, absmax_codes: Tensor, absmax_scale: Tensor, absmax_offset: Tensor) -> None:
+        """Store what bitsandbytes' quantize_4bit returns (packed bytes, state.absmax,
+        state.state2.absmax, state.offset), in any shape with the right number of elements."""
+        for buf, t in ((self.weight, packed), (self.weight_absmax, absmax_codes),
+                       (self.weight_absmax_scale, absmax_scale), (self.weight_absmax_offset, absmax_offset)):
+            if t.numel() != buf.numel():
+                raise QuantError(f"NF4 state tensor of {t.numel()} values where {buf.numel()} are needed")
+            buf.copy_(t.reshape(buf.shape))
+
+    def absmax(self) -> Tensor:
+        """(n_blocks,) float32 block absmax, undoing the double quantization."""
+        n = self.weight_absmax.numel()
+        outer = torch.arange(n, device=self.weight_absmax.device) // ABSMAX_BLOCK
+        dyn = codebook("dynamic", self.weight_absmax.device)
+        return dyn[self.weight_absmax.long()] * self.weight_absmax_scale.float()[outer] + \
+            self.weight_absmax_offset.float()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        out_f, in_f = self.base_linear_shape
+        nf4 = codebook("nf4", self.weight.device)
+        w = nf4[unpack_int4(self.weight).long()].view(-1, self.blocksize) * self.absmax()[:, None]  # float32
+        return w.view(out_f, in_f) if dtype is None else w.view(out_f, in_f).to(dtype)
+
+    def block_absmax(self) -> Tensor:
+        """(out, in/blocksize) float32 absmax(), cached. The key (storage, version counter) of each
+        statistic changes with every load: set_state, load_state_dict, in-place weight updates
+        (copy_), .to(): so the cache cannot outlive the values it was decoded from."""
+        key = tuple((t.data_ptr(), _version(t)) for t in
+                    (self.weight_absmax, self.weight_absmax_scale, self.weight_absmax_offset))
+        if key != self._absmax_key or self.absmax_cache is None or self.absmax_cache.dtype != torch.float32:
+            self.absmax_cache = self.absmax().view(self.out_features, -1).contiguous()
+            self._absmax_key = key
+        return self.absmax_cache
+
+    def _kernel_linear(self, x: Tensor) -> Tensor:
+        return kernels.quant_linear(x, self.weight, self.block_absmax(), None, codebook("nf4", x.device), 4,
+                                    self.blocksize, self.bias)
+
+    def _kernel_dequantize(self) -> Tensor:
+        return kernels.quant_dequantize(self.weight, self.block_absmax(), None, codebook("nf4", self.weight.device),
+                                        4, self.blocksize)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, nf4, blocksize={self.blocksize}"
+
+
+def _version(t: Tensor) -> int:
+    """t's in-place version counter; tensors made under inference_mode have none (they can only be
+    changed inside inference_mode, where loading does not happen)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def make_quant_linear(linear: nn.Module, name: str, method: str, bits: int, group_size: int | None,
+                      symmetric: bool) -> QuantLinear:
+    """An empty quantized module for `linear` (codes still zero) that adopts its bias.
+
+    The one place a quant record's fields become a module: used by the quantizers and by
+    loading. Raises QuantError when the setting does not fit the layer."""
+    if isinstance(linear, QuantLinear):
+        raise QuantError(f"{name} is already quantized ({type(linear).__name__}); quantize a float model")
+    if type(linear) is not nn.Linear:
+        raise QuantError(f"{name} is a {type(linear).__name__}, not an nn.Linear; quantize the base model "
+                         f"before adding adapters (QLoRA: quantize, then inject LoRA)")
+    if method not in METHODS:
+        raise QuantError(f"quantization method {method!r} is unknown; choose one of {METHODS}")
+    out_f, in_f = linear.weight.shape
+    dev = linear.weight.device
+    if method == "nf4":
+        if bits != 4 or not symmetric:
+            raise QuantError(f"NF4 is a 4-bit absmax (symmetric) format; got bits={bits}, symmetric={symmetric}")
+        return NF4Linear(out_f, in_f, group_size or 64, linear.bias, device=dev, name=name)
+    return IntLinear(out_f, in_f, bits, group_size, symmetric, awq=method == "awq", bias=linear.bias,
+                     dtype=linear.weight.dtype, device=dev, name=name)
+
+
+def _rebuild(model: nn.Module, rec: dict) -> None:
+    names = rec["modules"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise QuantError(f"'modules' must be a non-empty list of module names, got {names!r}")
+    found = find_linears(model, [re.escape(n) for n in names])
+    if [t.name for t in found] != names:
+        raise QuantError(f"the record lists {names} but this model has {[t.name for t in found]}; the "
+                         f"quantized weights were made for another model")
+    replace_linears(model, found, lambda lin, t: make_quant_linear(
+        lin, t.name, rec["method"], rec["bits"], rec["group_size"], rec["symmetric"]))
+
+
+register_transform("quant", _rebuild)
