@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 # The quantized-linear CPU kernels. A machine that cannot build them (no compiler, no ninja)
 # gets one warning here and the pure-PyTorch path at run time, never a failed install; the
 # stamp records the attempt, so a failed build is retried only when the sources change.
-$(KSTAMP): $(STAMP) $(KDIR)/quant_linear.cpp $(KDIR)/build.py
+$(KSTAMP): $(STAMP) $(KDIR)/quant_linear.cpp $(KDIR)/pool.h $(KDIR)/build.py
 	$(VPY) -m lmstack.kernels.build
 	mkdir -p $(dir $(KSTAMP)) && touch $(KSTAMP)
 

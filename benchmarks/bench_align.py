@@ -15,8 +15,9 @@ Speed: the same model exported to Hugging Face format (export_hf) is what TRL tr
 same prompts, G, max lengths and batch sizes on both sides; fp32 on the CPU (bf16 on CUDA).
 GRPO step = rollouts + scoring + update (TRL generates with transformers' generate, we with
 the engine); DPO step = forward/backward over a batch of pairs with precomputed reference
-log-probs on both sides. Steps alternate between the two sides so machine noise hits both;
-the median is reported.
+log-probs on both sides. Each side runs `--rounds` timed steps after one untimed warm-up step
+(ours, then TRL's); the medians are reported. On a shared machine run it when `uptime` shows
+little load: the two sides do not run at the same moment.
 """
 from __future__ import annotations
 
@@ -87,13 +88,13 @@ def base_model(steps: int = 1000, quick: bool = False) -> Path:
 
 EFFECTS = {
     "dpo": dict(method="dpo", tasks=["arithmetic", "instruction"], n_train=2000, n_eval=400, max_steps=150,
-                batch_size=16, lr=5e-5, beta=0.1, eval_every=25),
-    "grpo": dict(method="grpo", n_train=2000, n_eval=300, max_steps=100, group_size=8, prompts_per_rollout=8,
-                 batch_size=32, grad_accum=2, lr=2e-5, max_completion_len=8, temperature=1.0, eval_every=20),
+                batch_size=16, lr=1e-4, beta=0.1, eval_every=25),
+    "grpo": dict(method="grpo", n_train=2000, n_eval=300, max_steps=150, group_size=8, prompts_per_rollout=8,
+                 batch_size=32, grad_accum=2, lr=1e-4, max_completion_len=8, temperature=0.7, eval_every=25),
     "rm": dict(method="rm", tasks=["arithmetic", "instruction"], n_train=3000, n_eval=400, max_steps=300,
                batch_size=16, lr=3e-4, eval_every=50),
     "ppo": dict(method="ppo", n_train=2000, n_eval=200, max_steps=60, prompts_per_rollout=32, batch_size=16,
-                ppo_epochs=2, lr=2e-5, kl_coef=0.05, max_completion_len=8, eval_every=20),
+                ppo_epochs=2, lr=5e-5, kl_coef=0.05, max_completion_len=8, temperature=0.7, eval_every=20),
 }
 
 

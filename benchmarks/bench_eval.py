@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lmstack.data.tinyworld import TinyWorldConfig, generate  # noqa: E402
 from lmstack.eval import build_examples, load_task, loglikelihood  # noqa: E402
-from lmstack.eval.loglikelihood import as_llm, encode_pair  # noqa: E402
+from lmstack.eval.loglikelihood import as_llm  # noqa: E402
 from lmstack.model import ModelConfig, Transformer  # noqa: E402
 from lmstack.model.hf import export_hf  # noqa: E402
 from lmstack.tokenizer import Tokenizer  # noqa: E402
@@ -64,16 +64,16 @@ def build(tmp: Path, args) -> tuple[Path, dict[str, list[tuple[str, str]]]]:
     return hf, pairs
 
 
-def hflm_tokens(llm, pairs) -> int:
+def hflm_tokens(rules, pairs) -> int:
     """Tokens HFLM's forward passes read: one input per distinct context + continuation[:-1]
     (its logits cache scores one-token continuations of one context together)."""
     inputs = {}
-    for c, x in (encode_pair(llm.tokenizer, *p, 0) for p in pairs):
+    for c, x in (rules.pair(*p) for p in pairs):
         inputs[tuple(c + x[:-1])] = len(c) + len(x) - 1
     return sum(inputs.values())
 
 
-def bench(task: str, pairs, llm, lm, args) -> float:
+def bench(task: str, pairs, llm, rules, lm, args) -> float:
     from lm_eval.api.instance import Instance
 
     instances = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
@@ -90,13 +90,13 @@ def bench(task: str, pairs, llm, lm, args) -> float:
         t0 = time.perf_counter()
         theirs = lm.loglikelihood(instances, disable_tqdm=True)
         rates["lm-eval HFLM"].append(len(pairs) / (time.perf_counter() - t0))
-    naive = sum(len(c) + len(x) for c, x in (encode_pair(llm.tokenizer, *p, 0) for p in pairs))
+    naive = sum(len(c) + len(x) for c, x in (rules.pair(*p) for p in pairs))
     diff = max(abs(a[0] - b[0]) for a, b in zip(ours, theirs))
     greedy_same = all(a[1] == b[1] for a, b in zip(ours, theirs))
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\ntask={task}: {len(pairs)} (context, choice) pairs")
     print(f"{'':32s} {'pairs/s':>9s} {'tokens computed':>16s}")
-    tokens = {"lmstack (engine, prefix cache)": computed, "lm-eval HFLM": hflm_tokens(llm, pairs)}
+    tokens = {"lmstack (engine, prefix cache)": computed, "lm-eval HFLM": hflm_tokens(rules, pairs)}
     for k, v in med.items():
         print(f"{k:32s} {v:9.1f} {tokens[k]:16d}")
     ours_r, hf_r = med.values()
@@ -123,14 +123,14 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         hf, pairs = build(Path(tmp), args)
-        llm, _ = as_llm(str(hf), device="cpu")                 # the engine as `lmstack eval` builds it
+        llm, rules = as_llm(str(hf), device="cpu")                 # the engine as `lmstack eval` builds it
         # the same max_length as ours: the engine scores prompts of <= context - 1 tokens
         lm = HFLM(pretrained=str(hf), backend="causal", device="cpu", dtype="float32", batch_size=args.batch_size,
                   max_length=llm.engine.max_model_len - 2)
         print(f"questions={args.questions} preset={args.preset} threads={args.threads} batch={args.batch_size} "
               f"rounds={args.rounds} (median pairs/s)")
         for task, task_pairs in pairs.items():
-            bench(task, task_pairs, llm, lm, args)
+            bench(task, task_pairs, llm, rules, lm, args)
     return 0
 
 

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_quant.py            # decode through LLM: 8x512 and 6x768 Llama-shaped
     .venv/bin/python benchmarks/bench_quant.py --quick    # fewer repeats and tokens (a busy machine)
     .venv/bin/python benchmarks/bench_quant.py --fallback # also the PyTorch path (dequantize + F.linear)
-    .venv/bin/python benchmarks/bench_quant.py --micro    # one linear: fp32, PyTorch path, torch's packed
-                                                          # kernels, ours; batch 1/4/16; GB/s
+    .venv/bin/python benchmarks/bench_quant.py --micro    # one linear: fp32, the PyTorch path, torch's
+                                                          # packed kernels, ours; batch 1/4/16; GB/s
 
 Decode: each model (random weights: speed does not depend on them) is quantized with RTN
 INT8 per output channel, RTN INT4 in groups of 128 and NF4 (blocks of 64), every linear of
@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from lmstack import kernels
 from lmstack.infer import LLM, SamplingParams
 from lmstack.model.config import ModelConfig
-from lmstack.model.quantized import QuantLinear, codebook
+from lmstack.model.quantized import QuantLinear, make_quant_linear
 from lmstack.model.transformer import Transformer
 from lmstack.quant import QuantConfig, quantize_model
+from lmstack.quant.nf4 import quantize_nf4
+from lmstack.quant.rtn import rtn_quantize
 
 MODELS = {  # name -> Llama-shaped config (RoPE, RMSNorm, SwiGLU, GQA), untied LM head
     "8x512 (28M)": dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=4, vocab_size=4096),
@@ -140,61 +142,76 @@ def bench_decode(args) -> None:
 
 # ---- --micro: one linear layer --------------------------------------------------------------
 
-def micro_case(K: int, N: int, M: int, reps: int) -> dict:
-    """Median microseconds of each implementation of a (M, K) x (K, N) linear."""
+def micro_case(K: int, N: int, M: int, reps: int) -> tuple[dict, dict]:
+    """Median microseconds of each implementation of a (M, K) x (K, N) linear, and the bytes of
+    weight (codes + statistics) each reads."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=g) * 0.02
     x = torch.randn(M, K, generator=g)
-    q8 = torch.randint(1, 256, (N, K), dtype=torch.uint8, generator=g)
-    s8 = torch.rand(N, 1, generator=g) * 0.01
-    q4 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
-    s4 = torch.rand(N, K // 128, generator=g) * 0.01
-    s64 = torch.rand(N, K // 64, generator=g)
-    nf4 = codebook("nf4", torch.device("cpu"))
-    i8 = (q8.to(torch.int16) - 128).to(torch.int8)             # torch's int8 kernel: signed codes
+    lin = torch.nn.Linear(K, N, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    mods = {name: quantized_linear(lin, qc) for name, qc in VARIANTS.items() if qc is not None}
+    i8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)      # torch's int8 kernel: signed codes
+    s8 = torch.rand(N, generator=g) * 0.01
     packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
         torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g), 1)
-    sz = torch.rand(K // 128, N, 2, generator=g)
-    deq8 = lambda: (q8.float() - 128) * s8                     # noqa: E731  the PyTorch path's dequantize
+    sz = torch.rand(K // 128, N, 2, generator=g)                              # tinygemm's (scale, zero) per group
+    xb = x.bfloat16()
     cases = {
         "fp32": lambda: F.linear(x, w),
-        "deq+fp32 i8": lambda: F.linear(x, deq8()),
-        "torch i8": lambda: torch._weight_int8pack_mm(x, i8, s8.view(-1)),
+        "PyTorch i8": lambda: _disabled(mods["int8"], x),
+        "torch i8": lambda: torch._weight_int8pack_mm(x, i8, s8),
+        "torch i8 bf16": lambda: torch._weight_int8pack_mm(xb, i8, s8.bfloat16()),
         "torch i4": lambda: torch._weight_int4pack_mm_for_cpu(x, packed4, 128, sz),
-        "torch i8 bf16x": lambda: torch._weight_int8pack_mm(x.bfloat16(), i8, s8.view(-1).bfloat16()),
     }
     if kernels.available():
-        cases.update({"ours i8": lambda: kernels.quant_linear(x, q8, s8, None, None, 8, K, None),
-                      "ours i4 g128": lambda: kernels.quant_linear(x, q4, s4, None, None, 4, 128, None),
-                      "ours nf4 b64": lambda: kernels.quant_linear(x, q4, s64, None, nf4, 4, 64, None)})
-    for fn in cases.values():
-        fn()
+        cases.update({f"ours {k}": (lambda m=m: m(x)) for k, m in mods.items()})
+    nbytes = {"fp32": 4 * N * K, **{f"ours {k}": m.bits_per_param() * N * K / 8 for k, m in mods.items()}}
     times = {k: [] for k in cases}
-    for _ in range(reps):                  # interleaved
-        for k, fn in cases.items():
-            t0 = time.perf_counter()
+    with torch.inference_mode():
+        for fn in cases.values():
             fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+        for _ in range(reps):                  # interleaved, so load changes hit every column alike
+            for k, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}, nbytes
+
+
+def quantized_linear(lin, qc: QuantConfig) -> QuantLinear:
+    """One nn.Linear quantized as quantize_model would (RTN or NF4), outside a model."""
+    m = make_quant_linear(lin, "linear", qc.method, qc.bits, qc.group_size, qc.symmetric)
+    if qc.method == "nf4":
+        m.set_state(*quantize_nf4(lin.weight, qc.group_size))
+    else:
+        codes, scale, zero = rtn_quantize(lin.weight, qc.bits, qc.group_size, qc.symmetric)
+        m.set_codes(codes, scale, zero)
+    return m
+
+
+def _disabled(m, x):
+    with kernels.disabled():
+        return m(x)
 
 
 def bench_micro(args) -> None:
     read_gbs, copy_gbs = read_bandwidth()
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; bandwidth: read "
-          f"{read_gbs:.1f} GB/s, copy (read+write) {copy_gbs:.1f} GB/s. Median microseconds; GB/s = weight "
-          f"bytes (incl. scales) / time")
+          f"{read_gbs:.1f} GB/s, copy (read+write) {copy_gbs:.1f} GB/s. Median microseconds over {args.reps}; "
+          f"GB/s = weight bytes (codes + statistics) / time")
     head = None
     for K, N in ((768, 2304), (2048, 5632), (5632, 2048)):
         for M in args.rows:
-            r = micro_case(K, N, M, args.reps)
+            r, nbytes = micro_case(K, N, M, args.reps)
             if head is None:
                 head = list(r)
-                print(f"{'K x N':<12}{'M':>4}" + "".join(f"{k:>15}" for k in head) + f"{'GB/s fp32/i8/i4':>18}")
-            gbs = [N * K * 4 / r["fp32"] / 1e3]
-            if "ours i8" in r:
-                gbs += [N * (K + 4) / r["ours i8"] / 1e3, N * (K / 2 + 4 * K / 128) / r["ours i4 g128"] / 1e3]
-            print(f"{f'{K}x{N}':<12}{M:>4}" + "".join(f"{r[k]:>15.0f}" for k in head) +
-                  f"{'/'.join(f'{v:.1f}' for v in gbs):>18}", flush=True)
+                gb_cols = [k for k in head if k in nbytes]
+                print(f"{'K x N':<11}{'M':>4}" + "".join(f"{k:>14}" for k in head) +
+                      f"   GB/s {' / '.join(gb_cols)}")
+            print(f"{f'{K}x{N}':<11}{M:>4}" + "".join(f"{r[k]:>14.0f}" for k in head) + "   " +
+                  " / ".join(f"{nbytes[k] / r[k] / 1e3:.1f}" for k in gb_cols), flush=True)
 
 
 def main(argv=None) -> int:

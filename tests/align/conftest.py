@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmstack.model import ModelConfig, Transformer
+from tests.infer.conftest import _one_thread  # noqa: F401  (an autouse fixture, registered by import)
 
 TEXT = ["Q: what is 12+34?\nA: 12+34=46", "Q: reverse the word cat.\nA: tac", "yes no maybe 0123456789 +-*=?",
         "Q: what is 7*8?\nA: 7*8=56", "the quick brown fox jumps over the lazy dog"] * 4

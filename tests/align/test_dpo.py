@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from helpers import yes_no_pairs
-from conftest import tiny_model
+from tests.align.toy import yes_no_pairs
+from tests.align.conftest import tiny_model
 from lmstack.align import DPOObjective, PairBatches, reference_logps, sequence_logps, tokenize_pairs
 from lmstack.align.evaluate import preference_accuracy
 from lmstack.train import TrainConfig, Trainer

@@ -25,7 +25,7 @@ def test_eval_run_dir_default_tasks(trained_run, capsys):
     names = [t["task"] for t in report["tasks"]]
     # every built-in task whose data the run has (its data dir holds all five probe sets and docs)
     assert names == ["arithmetic", "arithmetic_mc", "arithmetic_steps", "facts", "facts_mc", "instructions",
-                     "reading", "val_ppl"]
+                     "instructions_mc", "reading", "val_ppl"]
     for t in report["tasks"]:
         assert t["n"] == 3 and t["version"] == 1 and t["variant"] == "default" and t["template"].endswith(".yaml")
         assert t["task"] in out
@@ -113,6 +113,10 @@ def test_template_sweep_and_judge(trained_run, tmp_path, capsys):
     (["{run}", "--tasks", "nope"], "unknown task 'nope'"),
     (["{run}", "--tasks", "facts:zero"], "no variant 'zero'"),
     (["{run}", "--compare", "{run}"], "--compare needs --judge"),
+    (["{run}", "--tasks", "facts_mc", "--judge", "{run}"], "none of --tasks is one"),
+    (["{run}", "--tasks", "facts", "--judge", "{run}", "--judge-mode", "vibes"], "judge mode must be"),
+    (["{run}", "--tasks", "facts", "--judge", "{run}", "--compare", "{run}", "--judge-template", "single"],
+     "--compare needs a pairwise one"),
     (["--endpoint", "http://127.0.0.1:9/v1", "--tasks", "facts", "--data", "{run}/data"], "is not usable"),
 ])
 def test_errors_at_the_door(trained_run, capsys, argv, message):

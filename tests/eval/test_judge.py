@@ -9,6 +9,7 @@ import pytest
 
 from lmstack.eval import Failure, Judge, LocalModel, compare, grade, load_judge_template, loglikelihood
 from lmstack.eval.judge import binary_agreement
+from lmstack.utils import LmstackError
 from tests.eval.conftest import tiny_llm
 
 PAIRWISE = load_judge_template("pairwise")
@@ -108,6 +109,8 @@ def test_single_grading_calibration_by_hand():
     # agreement 4/5; chance = (3*2 + 2*3) / 25 = 12/25; kappa = (0.8 - 0.48) / 0.52
     assert cal["agreement"] == pytest.approx(0.8) and cal["kappa"] == pytest.approx(0.32 / 0.52)
     assert binary_agreement([True, False], [True, False])["kappa"] == 1.0
+    with pytest.raises(LmstackError, match="is for pairwise judging, not single"):
+        grade(lenient, items, PAIRWISE)
 
 
 def test_real_tiny_model_judge(tokenizer):

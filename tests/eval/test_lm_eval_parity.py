@@ -73,3 +73,40 @@ def test_rolling_loglikelihood_matches_hflm(hf_dir, max_length):
     # HFLM sums each window in float32 (ulp of a sum near -300 is ~3e-5); ours sums in float64
     assert got == pytest.approx(want, abs=1e-4, rel=1e-6)
     assert torch.isfinite(torch.tensor(got)).all()
+
+
+@pytest.fixture(scope="module")
+def hf_bos_dir(hf_dir, tmp_path_factory):
+    """The same model with a Llama-style tokenizer: its post-processor puts a BOS before every
+    encoded text (here <|system|>), which HF applies and lmstack's tokenizer ignores."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("hf_bos")
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(hf_dir / f, path / f)
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    bos_id = next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|system|>")
+    tok["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|system|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<|system|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|system|>": {"id": "<|system|>", "ids": [bos_id], "tokens": ["<|system|>"]}}}
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                            "bos_token": "<|system|>", "eos_token": "<|endoftext|>"}))
+    return path
+
+
+def test_a_tokenizer_that_adds_bos(hf_bos_dir, tokenizer):
+    lm = hflm(hf_bos_dir)
+    bos = tokenizer.special_tokens["<|system|>"]
+    assert lm.tok_encode("the cat")[0] == bos and lm.prefix_token_id == bos      # HF adds it; so must we
+    want = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)], disable_tqdm=True)
+    got = loglikelihood(str(hf_bos_dir), PAIRS)
+    assert max(abs(a[0] - b[0]) for a, b in zip(got, want)) < 1e-4
+    texts = ["the cat sat on the mat. " * 4, "<|system|>Alice counted one, two, three."]
+    want = lm_eval_hf.HFLM(pretrained=str(hf_bos_dir), backend="causal", device="cpu", dtype="float32",
+                           max_length=CONTEXT - 2, logits_cache=False).loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)], disable_tqdm=True)
+    assert loglikelihood_rolling(str(hf_bos_dir), texts) == pytest.approx(want, abs=1e-4, rel=1e-6)

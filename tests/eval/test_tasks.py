@@ -26,8 +26,8 @@ def write_task(tmp_path, records=RECORDS, **over) -> str:
 
 def test_every_builtin_task_and_judge_template_loads():
     names = builtin_tasks()
-    assert {"facts", "facts_mc", "arithmetic", "arithmetic_mc", "arithmetic_steps", "instructions", "reading",
-            "val_ppl"} <= set(names)
+    assert {"facts", "facts_mc", "arithmetic", "arithmetic_mc", "arithmetic_steps", "instructions",
+            "instructions_mc", "reading", "val_ppl"} <= set(names)
     for name in names:
         spec = load_task(name)
         assert spec.version is not None and spec.metrics

@@ -69,6 +69,20 @@ def test_packed_and_padded_losses_equal_per_example_losses(tok, examples, pos_em
             torch.testing.assert_close(grads[packing][k], p.grad, atol=1e-6, rtol=1e-4, msg=k)
 
 
+def test_packed_loss_with_activation_checkpointing(tok, examples):
+    """Recomputing a block in backward replays its attention with the same document mask."""
+    from lmstack.train.distributed import enable_activation_checkpointing
+    m, plain = model(tok), model(tok)
+    enable_activation_checkpointing(m)
+    m.train(), plain.train()
+    rows = pack_rows([len(e) - 1 for e in examples], 40)
+    for mod in (m, plain):
+        batch = collate([[examples[i] for i in r] for r in rows], 0.01, True)
+        SFTObjective().loss(mod, batch)[0].backward()
+    for (k, p), q in zip(m.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_packing_without_the_document_mask_would_differ(tok, examples):
     """The check above can fail: the same packed rows with positions but no block-diagonal mask
     let examples attend to each other, and the loss moves."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from lmstack.infer import LLM, SamplingParams
 from lmstack.infer.block_manager import BlockManager
-from lmstack.infer.sampling_params import SamplingParams as SP
 from lmstack.infer.sequence import Sequence
 from tests.infer.conftest import tiny_model
 
 
 def seq(tokens, sid):
-    return Sequence(sid, f"r{sid}", 0, tokens, SP())
+    return Sequence(sid, f"r{sid}", 0, tokens, SamplingParams())
 
 
 def test_duplicate_blocks_chain_through_the_cached_copy():

@@ -249,3 +249,18 @@ def test_build_without_a_toolchain_warns_and_succeeds(monkeypatch, capsys):
     assert err.count("WARNING") == 1 and "ninja is not installed" in err and "pure-PyTorch path" in err
     assert build.main(["--strict"]) == 1
     assert (build.INFO.read_text() if build.INFO.exists() else None) == info_before   # the built library is kept
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_torch_compile_puts_the_kernels_in_one_graph():
+    # QLoRA with Trainer(compile=True): both paths trace (fake impls of the ops), no graph break
+    m = int_module(16, 32, 4, 16, False)
+    m.bias.requires_grad_(True)
+    f = torch.compile(m, fullgraph=True)
+    x = torch.randn(2, 32, requires_grad=True)
+    f(x).sum().backward()                                       # gradient path: quant_dequantize + F.linear
+    assert torch.allclose(x.grad, m.dequantize().sum(0).expand(2, -1))
+    with torch.no_grad():                                       # inference path: quant_linear
+        x1 = torch.randn(3, 32)
+        assert_matches(f(x1), x1, m.dequantize(), m.bias)

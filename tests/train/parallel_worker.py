@@ -3,7 +3,7 @@
     torchrun --standalone --nproc-per-node N parallel_worker.py OUT JOB [JOB ...]
 
 JOB is MODE or NAME=MODE[,key=value...] (TrainConfig fields): 4 steps of parallel_toy's run
-into OUT/NAME. `resume:SRC` as a key copies OUT/SRC's step-2 checkpoint first and resumes it.
+into OUT/NAME. The key `resume_from=SRC` copies OUT/SRC's step-2 checkpoint first and resumes it.
 `bad` checks that door errors come before any model is built. The worker creates the process
 group, so the trainers leave it up for the next job.
 """
@@ -23,6 +23,7 @@ from lmstack.utils import LmstackError  # noqa: E402
 
 out = Path(sys.argv[1])
 torch.set_num_threads(1)
+torch.set_default_dtype(torch.float64)   # parallel_toy: the runs compare in float64
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -35,7 +36,8 @@ def run(name: str, mode: str, **kw) -> None:
     tp = int(kw.get("tp_size", 0)) or (world if mode == "tp" else 1)
     dp = 1 if mode == "pp" else world // tp
     cfg = run_config(out / name, dp, distributed=mode, resume=src is not None, **kw)
-    Trainer(cfg, model_config(), batches=GlobalBatches(rank // tp % dp if mode != "pp" else 0, dp)).fit()
+    d = rank // tp % dp if mode != "pp" else 0
+    Trainer(cfg, model_config(), batches=GlobalBatches(d, dp), val_batches=GlobalBatches(d, dp, seed=1)).fit()
 
 
 def bad_inputs() -> None:

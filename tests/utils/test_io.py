@@ -61,3 +61,23 @@ def test_ensure_writable_dir_creates_and_rejects_a_file(tmp_path):
         ensure_writable_dir(f, "choose another --out")
     with pytest.raises(LmstackError, match="not writable.*choose another --out"):
         ensure_writable_dir(f / "sub", "choose another --out")  # parent is a file
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """mkstemp/mkdtemp create 0o600/0o700; the rename must not leave run files private."""
+    import os
+    import stat
+
+    from lmstack.utils import atomic_dir, atomic_write_bytes
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_bytes(b"y")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.bin", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "private.bin").stat().st_mode) == 0o600

@@ -82,7 +82,7 @@ class GRPOSource(RolloutSource):
         ctx = policy.config.context_length
         self.records, self.prompt_ids = [], []
         for i, rec in enumerate(prompts):
-            src = rec.get("source", f"prompt #{i}")
+            src = rec.get("source", f"prompt #{i}") if isinstance(rec, dict) else f"prompt #{i}"
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                 raise LmstackError(f"{src}: a prompt record needs a string \"prompt\", got {rec!r:.80}")
             ids = make_prompt_ids(tokenizer, rec["prompt"], fmt)
@@ -94,6 +94,7 @@ class GRPOSource(RolloutSource):
         if len(self.records) < prompts_per_rollout * world_size:
             raise LmstackError(f"{len(self.records)} prompts are fewer than prompts_per_rollout={prompts_per_rollout} "
                                f"x {world_size} rank(s)")
+        self.check_layout(prompts_per_rollout * group_size)
         self.engine = RolloutEngine(policy, tokenizer, max_completion_len=max_completion_len, temperature=temperature,
                                     stop_token_ids=stop_token_ids, stop=stop, dtype=engine_dtype,
                                     max_num_seqs=max(64, prompts_per_rollout * group_size),

@@ -85,6 +85,7 @@ class PPOSource(RolloutSource):
             raise LmstackError(f"{len(self.records)} prompts are fewer than prompts_per_rollout={prompts_per_rollout} "
                                f"x {world_size} rank(s)")
         self.per_rollout, self.temperature = prompts_per_rollout, temperature
+        self.check_layout(prompts_per_rollout)
         self.engine = RolloutEngine(model.policy, tokenizer, max_completion_len=max_completion_len,
                                     temperature=temperature, stop_token_ids=stop_token_ids, stop=stop,
                                     dtype=engine_dtype, max_num_seqs=max(64, prompts_per_rollout),

@@ -75,7 +75,9 @@ class RolloutEngine:
         """The engine's weights := the policy's (in place; the prefix cache is dropped)."""
         llm = self._engine()
         if llm.model is not self.policy:
-            llm.update_weights(self.policy)
+            # only what training changes: the engine's copy was made from this policy, so frozen
+            # tensors (a LoRA base) already match; a tied head is one parameter, sent once
+            llm.update_weights({n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad})
 
     def params(self, n: int, seed: int | None, greedy: bool = False, max_tokens: int | None = None):
         from lmstack.infer import SamplingParams
@@ -185,6 +187,13 @@ class RolloutSource:
         self.rollouts_done, self.served = 0, 0
         self.buffer: dict | None = None
 
+    def check_layout(self, n: int) -> None:
+        """A rollout batch of n rows must split into whole optimizer steps."""
+        if n % (self.batch_size * self.grad_accum):
+            raise LmstackError(f"a rollout batch of {n} sequences (prompts_per_rollout x samples per prompt) is not "
+                               f"a multiple of batch_size x grad_accum = {self.batch_size * self.grad_accum}; "
+                               f"change one of them")
+
     def _rollout(self, index: int) -> dict:
         raise NotImplementedError
 
@@ -201,11 +210,7 @@ class RolloutSource:
         if self.buffer is None:
             self.buffer = self._rollout(self.rollouts_done)
             self.served = 0
-            n = self.buffer["input_ids"].size(0)
-            if n % (self.batch_size * self.grad_accum):
-                raise LmstackError(f"a rollout batch of {n} sequences is not a multiple of batch_size x grad_accum "
-                                   f"= {self.batch_size * self.grad_accum}; make prompts_per_rollout x group_size "
-                                   f"a multiple of it")
+            self.check_layout(self.buffer["input_ids"].size(0))
         n = self.buffer["input_ids"].size(0)
         per_epoch = n // self.batch_size
         epoch, k = divmod(self.served, per_epoch)

@@ -58,7 +58,7 @@ def load_policy(path: str):
     return model, Tokenizer.load(p / "tokenizer.json"), (p / "tokenizer.json").read_bytes()
 
 
-def _records(path: str | None, make, what: str) -> list[dict]:
+def _records(path: str | None, make) -> list[dict]:
     if path is None:
         return make()
     return [dict(rec, source=src) if isinstance(rec, dict) else rec for src, rec in D.read_preference_jsonl(path)]
@@ -100,8 +100,8 @@ class _Run:
     def _pairs(self):
         c = self.cfg
         tw = dict(seed=c.tinyworld_seed, tasks=tuple(c.tasks))
-        train = _records(c.data, lambda: D.tinyworld_pairs(n=c.n_train, **tw), "pairs")
-        held = _records(c.eval_data, lambda: D.tinyworld_pairs(n=c.n_eval, heldout=True, **tw), "pairs")
+        train = _records(c.data, lambda: D.tinyworld_pairs(n=c.n_train, **tw))
+        held = _records(c.eval_data, lambda: D.tinyworld_pairs(n=c.n_eval, heldout=True, **tw))
         pairs = D.tokenize_pairs(self.tok, train, c.format, self.ctx, source=c.data or "tinyworld pair")
         held_pairs = D.tokenize_pairs(self.tok, held, c.format, self.ctx, source=c.eval_data or "held-out pair")
         self.sample_prompts = [r["prompt"] for r in held[:c.n_samples]]
@@ -142,8 +142,8 @@ class _Run:
     def _prompts(self):
         c = self.cfg
         tw = dict(seed=c.tinyworld_seed, tasks=tuple(c.tasks))
-        train = _records(c.data, lambda: D.tinyworld_prompts(n=c.n_train, **tw), "prompts")
-        held = _records(c.eval_data, lambda: D.tinyworld_prompts(n=c.n_eval, heldout=True, **tw), "prompts")
+        train = _records(c.data, lambda: D.tinyworld_prompts(n=c.n_train, **tw))
+        held = _records(c.eval_data, lambda: D.tinyworld_prompts(n=c.n_eval, heldout=True, **tw))
         for i, r in enumerate(held):
             if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
                 raise LmstackError(f"{r.get('source', f'held-out prompt #{i}') if isinstance(r, dict) else i}: "
@@ -247,7 +247,6 @@ def run_align(cfg: AlignConfig) -> dict:
                "train": {k: v for k, v in result.items() if k in ("steps", "train_loss", "val_loss", "elapsed_s")},
                "generate_s": getattr(run.engine, "generate_s", None) if cfg.method in ("grpo", "ppo") else None,
                "config": dataclasses.asdict(cfg)}
-    atomic_write_json(out / "summary.json", summary)
     if before_samples:
         pairs = [{"prompt": b["prompt"], "before": b["completion"], "after": a["completion"]}
                  for b, a in zip(before_samples, after_samples)]
@@ -257,4 +256,5 @@ def run_align(cfg: AlignConfig) -> dict:
             for i, p in enumerate(pairs)]
         atomic_write_text(out / "samples.md", "\n".join(md))
     summary["figures"] = write_figures(out, cfg.method, before)
+    atomic_write_json(out / "summary.json", summary)
     return summary

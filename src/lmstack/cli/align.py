@@ -4,7 +4,7 @@
     lmstack align dpo  runs/sft --out runs/dpo --beta 0.1           # DPO (or --loss-type ipo)
     lmstack align ppo  runs/sft --out runs/ppo --reward-model runs/rm
     lmstack align grpo runs/sft --out runs/grpo --group-size 8      # verifiable rewards (exact answer)
-    lmstack align grpo runs/base --recipe recipes/align-grpo.yaml   # flags override the recipe
+    lmstack align grpo runs/sft --recipe recipes/align/grpo.yaml --out runs/grpo   # flags override it
     torchrun --nproc-per-node 2 -m lmstack.cli.main align dpo runs/sft --out runs/dpo-ddp
 
 RUN is the starting model (a run dir, usually an SFT run, or a HF folder). Without --data the

@@ -20,7 +20,7 @@ answers pairwise, in both orders (judge_pairwise.yaml), and reports the consiste
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lmstack.cli.options import add_options, build_options
@@ -40,8 +40,8 @@ class EvalOptions:
     out: str | None = field(default=None, metadata={"help": "JSON file to write; none = RUN/eval_results.json"})
     template_variant: list[str] | None = field(default=None, metadata={"help": "run every task under each of "
                                                                                "these variants (a sweep)"})
-    chat: bool = field(default=False, metadata={"help": "ask generation tasks through the chat template / "
-                                                        "chat API"})
+    chat: bool = field(default=False, metadata={"help": "ask generation tasks and the judge through the chat "
+                                                        "template / chat API"})
     judge: str | None = field(default=None, metadata={"help": "judge model: run dir, HF dir or URL"})
     judge_mode: str = field(default="generate", metadata={"help": "generate (parse the verdict) or "
                                                                   "loglikelihood (likeliest verdict)"})
@@ -53,7 +53,7 @@ class EvalOptions:
     api_key: str | None = field(default=None, metadata={"help": "Bearer key for --endpoint / URL models"})
     kv_cache_tokens: int | None = field(default=None, metadata={"help": "engine: KV-cache capacity in tokens"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
-    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: as saved)"})
+    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16; none = as saved"})
 
 
 def register(subparsers) -> None:
@@ -66,18 +66,15 @@ def register(subparsers) -> None:
 
 
 def _open(spec: str, opts: EvalOptions):
-    from lmstack.eval import EndpointModel, LocalModel
+    from lmstack.eval import open_model
 
-    if spec.startswith(("http://", "https://")):
-        return EndpointModel(spec, api_key=opts.api_key)
-    if not Path(spec).is_dir():
-        raise LmstackError(f"{spec!r} is not a directory (run or Hugging Face folder) or an http(s) URL")
-    return LocalModel(spec, batch_size=opts.batch_size, kv_cache_tokens=opts.kv_cache_tokens, device=opts.device,
-                      dtype=opts.dtype)
+    return open_model(spec, api_key=opts.api_key, batch_size=opts.batch_size, kv_cache_tokens=opts.kv_cache_tokens,
+                      device=opts.device, dtype=opts.dtype)
 
 
 def _task_specs(opts: EvalOptions, data_dir: Path | None) -> list:
     from lmstack.eval import builtin_tasks, load_task
+    from lmstack.eval.tasks import source_path
 
     variants = opts.template_variant or [None]
     if opts.tasks:
@@ -85,8 +82,7 @@ def _task_specs(opts: EvalOptions, data_dir: Path | None) -> list:
     specs = []
     for name in builtin_tasks():           # the default: what this data directory can feed
         spec = load_task(name)
-        (kind, value), = spec.source.items()
-        if data_dir is not None and (data_dir / ("eval" if kind == "eval" else "docs") / f"{value}.jsonl").is_file():
+        if data_dir is not None and source_path(spec, data_dir).is_file():
             specs += [load_task(name, v) for v in variants if v is None or v == "default" or v in spec.variants]
     if not specs:
         raise LmstackError(f"no built-in task has data in {data_dir}; pass --data DIR or --tasks")
@@ -107,13 +103,22 @@ def handler(args) -> int:
                                                    else None)
     tasks = _task_specs(opts, data_dir)
     if opts.chat:
-        from dataclasses import replace
         tasks = [replace(t, chat=True) for t in tasks]
+    if opts.judge and not any(t.kind == "generate_until" for t in tasks):
+        raise LmstackError("the judge grades the answers of generation tasks; none of --tasks is one")
     model = _open(spec, opts)
+    judge = None
+    if opts.judge:        # everything about the judge is checked before the evaluation runs
+        from lmstack.eval import Judge
+        judge = Judge(_open(opts.judge, opts), opts.judge_template or ("pairwise" if opts.compare else "single"),
+                      mode=opts.judge_mode, chat=opts.chat)
+        if judge.template.kind != ("pairwise" if opts.compare else "single"):
+            raise LmstackError(f"judge template {judge.template.path} is {judge.template.kind}; "
+                               f"{'--compare needs a pairwise' if opts.compare else 'grading needs a single'} one")
     log = lambda msg: print(msg, file=sys.stderr)    # noqa: E731
     report = evaluate(model, tasks, data_dir, opts.limit, log=log)
-    if opts.judge:
-        _judge(report, opts, tasks, data_dir, log)
+    if judge is not None:
+        _judge(report, judge, opts, tasks, data_dir, log)
     out = Path(opts.out) if opts.out else (run_dir / "eval_results.json" if run_dir else Path("eval_results.json"))
     atomic_write_json(out, report)
     print(format_table(report))
@@ -123,17 +128,13 @@ def handler(args) -> int:
     return 0
 
 
-def _judge(report: dict, opts: EvalOptions, tasks, data_dir, log) -> None:
+def _judge(report: dict, judge, opts: EvalOptions, tasks, data_dir, log) -> None:
     """Grade (or, with --compare, judge pairwise) every generation task's answers."""
-    from lmstack.eval import Judge, compare, evaluate, grade
+    from lmstack.eval import compare, evaluate, grade
 
     pairwise = opts.compare is not None
-    judge = Judge(_open(opts.judge, opts), opts.judge_template or ("pairwise" if pairwise else "single"),
-                  mode=opts.judge_mode, chat=opts.chat)
     report["judge"] = judge.info()
     gen = [(t, r) for t, r in zip(tasks, report["tasks"]) if r["kind"] == "generate_until"]
-    if not gen:
-        raise LmstackError("the judge grades generation tasks; none of the tasks is one")
     other = None
     if pairwise:
         log(f"[eval] answers of {opts.compare} ...")

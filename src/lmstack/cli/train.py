@@ -4,6 +4,8 @@
     lmstack train --out runs/tiny --max-steps 200 --lr 3e-4 --batch-size 8
     lmstack train --out runs/tiny --resume                 # continue after a crash or kill
     torchrun --nproc-per-node 2 -m lmstack.cli.main train --data DIR --out runs/ddp
+    torchrun --nproc-per-node 4 -m lmstack.cli.main train --distributed tp+dp --tp-size 2 ...
+    (--distributed ddp | zero1 | zero2 | zero3 | fsdp | tp | pp | tp+dp; pp: --pp-schedule, --grad-accum)
 
 Every TrainConfig field is a recipe key and a --flag-with-dashes. Without --data, the
 default corpus is built into OUT/data first (tinyworld, 2 MB, a 2048-token BPE tokenizer,
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from lmstack.cli.options import add_options, build_options
@@ -46,8 +49,10 @@ def build_default_data(data_dir: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from lmstack.train.build import preflight
+    from lmstack.train.parallel import check_launch
     cfg = build_options(TrainConfig, args)
     preflight(cfg)              # a bad preset or --seq-len fails before the default corpus is built
+    check_launch(cfg, int(os.environ.get("WORLD_SIZE", 0)))   # so does a mode the launch cannot hold
     if cfg.data is None:
         cfg.data = str(build_default_data(Path(cfg.out) / "data"))
     result = Trainer(cfg).fit()

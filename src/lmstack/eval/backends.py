@@ -30,24 +30,24 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lmstack.eval.loglikelihood import (as_llm, encode, encode_pair, loglikelihood_tokens,
-                                        max_prompt_tokens, rolling_windows)
+from lmstack.eval.loglikelihood import as_llm, encode, loglikelihood_tokens, max_prompt_tokens, rolling_windows
 from lmstack.eval.tasks import Failure
 from lmstack.utils import LmstackError
 
 
-def open_model(spec, **engine_kwargs):
-    """A run directory / HF folder / LLM -> LocalModel; an http(s) URL -> EndpointModel."""
+def open_model(spec, api_key: str | None = None, **local_kwargs):
+    """A run directory / HF folder / LLM -> LocalModel(spec, **local_kwargs); an http(s)
+    URL -> EndpointModel(spec, api_key=api_key)."""
     if isinstance(spec, str) and spec.startswith(("http://", "https://")):
-        return EndpointModel(spec)
+        return EndpointModel(spec, api_key=api_key)
     if isinstance(spec, (str, Path)) and not Path(spec).is_dir():
         raise LmstackError(f"model {str(spec)!r} is not a directory (run or Hugging Face folder) or an http(s) URL")
-    return LocalModel(spec, **engine_kwargs)
+    return LocalModel(spec, **local_kwargs)
 
 
 class LocalModel:
     def __init__(self, model, batch_size: int = 32, **engine_kwargs):
-        self.llm, self.prefix = as_llm(model, **engine_kwargs)
+        self.llm, self.rules = as_llm(model, **engine_kwargs)
         self.folder = Path(model) if isinstance(model, (str, Path)) else None
         self.name = str(model) if self.folder else type(model).__name__
         self.batch_size = batch_size
@@ -61,7 +61,7 @@ class LocalModel:
         out: list = [None] * len(pairs)
         todo, token_pairs = [], []
         for i, (ctx, cont) in enumerate(pairs):
-            pair = encode_pair(self.llm.tokenizer, ctx, cont, self.prefix)
+            pair = self.rules.pair(ctx, cont)
             if len(pair[0]) + len(pair[1]) > self.max_prompt:
                 out[i] = Failure(f"context + continuation have {len(pair[0]) + len(pair[1])} tokens; the model "
                                  f"scores at most {self.max_prompt} (context {self.llm.engine.max_model_len})")
@@ -75,9 +75,9 @@ class LocalModel:
     def loglikelihood_rolling(self, texts) -> list:
         windows, owner, counts = [], [], []
         for i, text in enumerate(texts):
-            ids = encode(self.llm.tokenizer, text)
+            ids = self.rules.encode(text)
             counts.append(len(ids))
-            for w in rolling_windows(ids, self.prefix, self.max_prompt - 1):
+            for w in rolling_windows(ids, self.rules.prefix_token, self.max_prompt - 1):
                 windows.append(w)
                 owner.append(i)
         totals = [0.0] * len(texts)
@@ -113,7 +113,7 @@ class LocalModel:
 
     def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
         if not chat:
-            return encode(self.llm.tokenizer, prompt)
+            return self.rules.encode(prompt)              # with the BOS the model's HF tokenizer adds, if any
         return self._chat_format()[0]([{"role": "user", "content": prompt}])
 
     def _stop_ids(self, chat: bool) -> list[int] | None:

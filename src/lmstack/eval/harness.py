@@ -16,7 +16,6 @@ ROUGE and perplexities are computed over the examples that produced text or a sc
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -160,6 +159,6 @@ def format_table(report: dict) -> str:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4f}"
-    return str(v)
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)

@@ -111,6 +111,14 @@ def parse_verdict(template: JudgeTemplate, text: str) -> str | Failure:
     return m.group(1)
 
 
+def _template(judge, template: JudgeTemplate | None, kind: str) -> JudgeTemplate:
+    template = template or getattr(judge, "template", None) or load_judge_template(kind)
+    if template.kind != kind:
+        raise LmstackError(f"judge template {template.path or template.name} is for {template.kind} judging, "
+                           f"not {kind}")
+    return template
+
+
 def _prompt(template: JudgeTemplate, item: dict) -> str:
     return render(template.prompt, {"rubric": template.rubric, "reference": "", **item}, "judge prompt")
 
@@ -119,7 +127,7 @@ def _prompt(template: JudgeTemplate, item: dict) -> str:
 def grade(judge: Verdicts, items: list[dict], template: JudgeTemplate | None = None) -> dict:
     """Grade each {"question", "answer", "reference"?, "label"?} -> scores, pass rate,
     failures, and calibration against `label` (1 = the answer is right) where given."""
-    template = template or getattr(judge, "template", None) or load_judge_template("single")
+    template = _template(judge, template, "single")
     prompts, failures, rows = [], [], []
     for i, item in enumerate(items):
         try:
@@ -165,7 +173,7 @@ def compare(judge: Verdicts, items: list[dict], template: JudgeTemplate | None =
 
     Verdicts per pair: "a", "b", "tie" (both orders agree) or "inconsistent"; win_rate_a =
     (wins of a + ties / 2) / consistent pairs."""
-    template = template or getattr(judge, "template", None) or load_judge_template("pairwise")
+    template = _template(judge, template, "pairwise")
     jobs, failures = [], []
     for i, item in enumerate(items):
         try:

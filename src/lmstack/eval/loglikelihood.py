@@ -14,8 +14,12 @@ The rules are lm-eval's (`HFLM`), so the numbers agree with it on the same model
 * an empty context becomes the prefix token (BOS if the tokenizer names one, else
   end-of-text), unless the continuation already starts with it, in which case that first
   token is the context;
+* text is encoded as the model's HF tokenizer encodes it: special-token text becomes the
+  token, and where that tokenizer adds a BOS itself (Llama-style folders) so do we;
 * a pair too long for the model keeps its last tokens (truncated from the left);
 * `is_greedy`: every continuation token is the model's argmax at its position;
+* a continuation with no tokens of its own (it merged into the context's last token)
+  scores (0.0, True), log 1 (lm-eval asserts instead);
 * rolling windows (perplexity) are `get_rolling_token_windows` + `make_disjoint_window`:
   the first window starts from the prefix token, each token is scored exactly once, with as
   much context as fits (`context_len` = 1: windows of `max_length` back to back, each
@@ -35,10 +39,15 @@ first pair of every context runs before the others: when the others are admitted
 context's blocks are cached and only the part of the last block before the continuation is
 recomputed. Multiple choice with 4 options computes each question once, not 4 times
 (`llm.stats()["prompt_tokens"]` counts what was computed).
+
+Batch size. Results agree across batch sizes to ~1e-5 on sums of tens of tokens, not bit for
+bit: a float32 matmul over 1, 2-3 or >= 4 rows takes a different BLAS kernel (and summation
+order), and the batch decides how many rows each forward has. Tests hold them within 1e-4.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -49,12 +58,28 @@ TokenPair = tuple[list[int], list[int]]
 
 
 # ------------------------------------------------------------------ the model
+@dataclass(frozen=True)
+class TextRules:
+    """How text becomes scored ids for one model, as HFLM encodes it with the model's HF
+    tokenizer: `prefix_token` stands for an empty context; `bos` is prepended to encoded text
+    when that tokenizer adds a BOS itself (Llama-style folders; never for lmstack runs)."""
+    tokenizer: object
+    prefix_token: int
+    bos: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return encode(self.tokenizer, text, self.bos)
+
+    def pair(self, context: str, continuation: str) -> TokenPair:
+        return encode_pair(self.tokenizer, context, continuation, self.prefix_token, self.bos)
+
+
 def as_llm(model, **engine_kwargs):
-    """(LLM, prefix token id) for a run directory, a HF folder or an `LLM`."""
+    """(LLM, TextRules) for a run directory, a HF folder or an `LLM`."""
     from lmstack.infer import LLM
 
     if isinstance(model, LLM):
-        return model, prefix_token_id(model)
+        return model, TextRules(model.tokenizer, prefix_token_id(model))
     if not isinstance(model, (str, Path)):
         raise LmstackError(f"model must be a run directory, a Hugging Face folder or an lmstack LLM, "
                            f"got {type(model).__name__}")
@@ -64,7 +89,20 @@ def as_llm(model, **engine_kwargs):
     llm = LLM(str(model), **{"block_size": 4, **engine_kwargs})
     if llm.tokenizer is None:
         raise LmstackError(f"{model} has no tokenizer.json; text pairs need the model's tokenizer")
-    return llm, prefix_token_id(llm, Path(model))
+    folder = Path(model)
+    return llm, TextRules(llm.tokenizer, prefix_token_id(llm, folder), added_bos(folder, llm.tokenizer))
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _token_name(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
 
 
 def prefix_token_id(llm, folder: Path | None = None) -> int:
@@ -72,11 +110,9 @@ def prefix_token_id(llm, folder: Path | None = None) -> int:
     `bos_token`, if it is one of the tokenizer's tokens), else end-of-text, as lm-eval's
     `prefix_token_id` (bos_token_id, else eos_token_id)."""
     specials = getattr(llm.tokenizer, "special_tokens", {}) or {}
-    config = folder / "tokenizer_config.json" if folder is not None else None
-    if config is not None and config.is_file():
-        bos = json.loads(config.read_text()).get("bos_token")
-        bos = bos.get("content") if isinstance(bos, dict) else bos
-        if isinstance(bos, str) and bos in specials:
+    if folder is not None:
+        bos = _token_name(_json(folder / "tokenizer_config.json").get("bos_token"))
+        if bos in specials:
             return specials[bos]
     eot = getattr(llm.tokenizer, "eot_token", None)
     if eot is not None:
@@ -86,23 +122,44 @@ def prefix_token_id(llm, folder: Path | None = None) -> int:
     raise LmstackError("the model has neither a BOS nor an end-of-text token to stand for an empty context")
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Text -> ids as the engine and a HF tokenizer do: special-token text becomes the token."""
-    return tokenizer.encode(text, allowed_special="all")
+def added_bos(folder: Path, tokenizer) -> int | None:
+    """The BOS id the folder's HF tokenizer puts before every encoded text, or None:
+    tokenizer_config.json `add_bos_token` when set (transformers rebuilds the post-processor
+    from it), else a TemplateProcessing post-processor that starts with a special token."""
+    specials = getattr(tokenizer, "special_tokens", {}) or {}
+    config = _json(folder / "tokenizer_config.json")
+    if isinstance(config.get("add_bos_token"), bool):
+        return specials.get(_token_name(config.get("bos_token"))) if config["add_bos_token"] else None
+    post = _json(folder / "tokenizer.json").get("post_processor")
+    steps = post.get("processors", []) if isinstance(post, dict) and post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if isinstance(step, dict) and step.get("type") == "TemplateProcessing" and step.get("single"):
+            first = step["single"][0]
+            name = first.get("SpecialToken", {}).get("id") if isinstance(first, dict) else None
+            return specials.get(name)
+    return None
 
 
-def encode_pair(tokenizer, context: str, continuation: str, prefix_token: int) -> TokenPair:
+def encode(tokenizer, text: str, bos: int | None = None) -> list[int]:
+    """Text -> ids as the engine and a HF tokenizer do: special-token text becomes the token;
+    with `bos`, that token first unless the text already starts with it (HFLM's rule)."""
+    ids = tokenizer.encode(text, allowed_special="all")
+    return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
+
+
+def encode_pair(tokenizer, context: str, continuation: str, prefix_token: int,
+                bos: int | None = None) -> TokenPair:
     """(context ids, continuation ids) by lm-eval's rule (module docstring)."""
     if context == "":
-        cont = encode(tokenizer, continuation)
+        cont = encode(tokenizer, continuation)          # HFLM: add_special_tokens=False here
         if cont and cont[0] == prefix_token:
             return cont[:1], cont[1:]
         return [prefix_token], cont
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = encode(tokenizer, context + continuation)
-    ctx = encode(tokenizer, context)
+    whole = encode(tokenizer, context + continuation, bos)
+    ctx = encode(tokenizer, context, bos)
     return ctx, whole[len(ctx):]
 
 
@@ -182,14 +239,14 @@ def loglikelihood(model, pairs: Sequence[Pair], batch_size: int = 16) -> list[tu
     """[(log p(continuation | context), is_greedy)] for (context, continuation) string pairs.
 
     `model`: a run directory, a Hugging Face folder, or an `lmstack.infer.LLM`. Splitting,
-    empty contexts and truncation follow lm-eval's HFLM (module docstring). The result does
-    not depend on `batch_size` (tests/eval/test_loglikelihood.py checks it bit for bit)."""
-    llm, prefix = as_llm(model)
+    empty contexts and truncation follow lm-eval's HFLM (module docstring); `batch_size`
+    (requests per engine call) changes the speed, and the numbers only in float32 rounding."""
+    llm, rules = as_llm(model)
     token_pairs = []
     for i, pair in enumerate(pairs):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
             raise LmstackError(f"pairs[{i}] must be a (context, continuation) pair of strings, got {pair!r:.80}")
-        token_pairs.append(encode_pair(llm.tokenizer, pair[0], pair[1], prefix))
+        token_pairs.append(rules.pair(pair[0], pair[1]))
     return loglikelihood_tokens(llm, token_pairs, batch_size)
 
 
@@ -219,7 +276,7 @@ def loglikelihood_rolling(model, texts: Sequence[str], batch_size: int = 16, max
     """Sum of log p(token | context) over every token of each text (lm-eval's rolling
     loglikelihood; the first token is predicted from the prefix token). `max_length`
     defaults to the longest the engine scores (max_model_len - 2)."""
-    llm, prefix = as_llm(model)
+    llm, rules = as_llm(model)
     limit = max_prompt_tokens(llm) - 1
     max_length = limit if max_length is None else max_length
     if not 1 <= max_length <= limit:
@@ -227,7 +284,7 @@ def loglikelihood_rolling(model, texts: Sequence[str], batch_size: int = 16, max
                            f"{llm.engine.max_model_len}), got {max_length}")
     windows, owner = [], []
     for i, text in enumerate(texts):
-        for w in rolling_windows(encode(llm.tokenizer, text), prefix, max_length, context_len):
+        for w in rolling_windows(rules.encode(text), rules.prefix_token, max_length, context_len):
             windows.append(w)
             owner.append(i)
     totals = [0.0] * len(texts)

@@ -136,10 +136,11 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
-def perplexities(logprob_sum: float, tokens: int, words: int, n_bytes: int) -> dict[str, float]:
+def perplexities(logprob_sum: float, tokens: int, words: int, n_bytes: int) -> dict[str, float | None]:
     """The aggregate perplexities of documents whose log-likelihoods sum to `logprob_sum`
-    (lm-eval's weighted_perplexity: exp of the total over the total count)."""
+    (lm-eval's weighted_perplexity: exp of the total over the total count); None when
+    nothing was scored (JSON has no NaN)."""
     def ppl(count):
-        return math.exp(-logprob_sum / count) if count else math.nan
+        return math.exp(-logprob_sum / count) if count else None
     return {"token_perplexity": ppl(tokens), "word_perplexity": ppl(words), "byte_perplexity": ppl(n_bytes),
-            "bits_per_byte": -logprob_sum / n_bytes / math.log(2) if n_bytes else math.nan}
+            "bits_per_byte": -logprob_sum / n_bytes / math.log(2) if n_bytes else None}

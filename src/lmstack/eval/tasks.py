@@ -173,17 +173,21 @@ def _check(s: TaskSpec) -> None:
 
 
 # ------------------------------------------------------------------ records
-def read_records(spec: TaskSpec, data_dir: str | Path | None) -> list[dict | Failure]:
-    """The source's lines in order: a record, or a Failure for a line that is not a JSON object."""
+def source_path(spec: TaskSpec, data_dir: str | Path | None) -> Path:
+    """The JSONL file a task reads: {jsonl: FILE} beside the YAML, or DATA/eval|docs/NAME.jsonl."""
     (kind, value), = spec.source.items()
     if kind == "jsonl":
         path = Path(value)
-        path = path if path.is_absolute() else Path(spec.path).parent / path
-    else:
-        if data_dir is None:
-            raise LmstackError(f"task {spec.label} reads a data directory ({kind}: {value}); pass --data DIR "
-                               f"(a run directory's data lives in RUN/data)")
-        path = Path(data_dir) / ("eval" if kind == "eval" else "docs") / f"{value}.jsonl"
+        return path if path.is_absolute() else Path(spec.path).parent / path
+    if data_dir is None:
+        raise LmstackError(f"task {spec.label} reads a data directory ({kind}: {value}); pass --data DIR "
+                           f"(a run directory's data lives in RUN/data)")
+    return Path(data_dir) / ("eval" if kind == "eval" else "docs") / f"{value}.jsonl"
+
+
+def read_records(spec: TaskSpec, data_dir: str | Path | None) -> list[dict | Failure]:
+    """The source's lines in order: a record, or a Failure for a line that is not a JSON object."""
+    path = source_path(spec, data_dir)
     if not path.is_file():
         raise LmstackError(f"task {spec.label}: {path} does not exist")
     entries: list[dict | Failure] = []

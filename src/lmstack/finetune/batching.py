@@ -43,11 +43,16 @@ class SFTBatch:
     segments: Tensor | None          # packing: example index within the row, -1 on padding
     loss_scale: float                # loss = (sum of token NLLs) * loss_scale
     n_tokens: int                    # real (non-padding) input tokens, for tokens/s
+    loss_index: Tensor | None = None  # (N,) flat indices b * T + t of the trained positions
+
+    def __post_init__(self):
+        if self.loss_index is None:
+            self.loss_index = (self.targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
     def to(self, device: torch.device) -> "SFTBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SFTBatch(move(self.input_ids), move(self.targets), move(self.positions), move(self.segments),
-                        self.loss_scale, self.n_tokens)
+                        self.loss_scale, self.n_tokens, move(self.loss_index))
 
     @property
     def packed(self) -> bool:

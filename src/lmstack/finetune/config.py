@@ -41,6 +41,10 @@ class FinetuneConfig(TrainConfig):
     weight_decay: float = _h("AdamW weight decay", default=0.0)
     eval_every: int = _h("val loss every N steps (0 = only at the end)", default=50)
     ckpt_every: int = _h("checkpoint every N steps (0 = only at the end)", default=100)
+    activation_checkpointing: bool | None = _h(
+        "recompute each block's activations in backward; unset: on for qlora only (without it the dequantized "
+        "weight of every quantized linear stays alive for backward, and QLoRA holds more memory than LoRA)",
+        default=None)
     model_overrides: dict = _hidden(default_factory=dict)
     objective: str = _hidden(default="causal")
     mask_prob: float = _hidden(default=0.15)
@@ -114,4 +118,6 @@ class FinetuneConfig(TrainConfig):
         from dataclasses import fields
         kw = {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
         kw.update(data=None, model=str(self.model), save_weights="trainable" if self.adapters else "all")
+        if self.activation_checkpointing is None:
+            kw["activation_checkpointing"] = self.method == "qlora"
         return TrainConfig(**kw)

@@ -87,8 +87,8 @@ def load_base(cfg: FinetuneConfig):
         raise LmstackError(f"seq_len={cfg.seq_len} exceeds {base}'s context_length={mcfg.context_length}; "
                            f"lower --seq-len")
     if tok.n_vocab > mcfg.vocab_size:
-        raise LmstackError(f"{base}/tokenizer.json has {tok.n_vocab} tokens but the model only "
-                           f"vocab_size={mcfg.vocab_size}; the tokenizer belongs to another model")
+        raise LmstackError(f"{base}/tokenizer.json has {tok.n_vocab} tokens but the model's vocab_size is "
+                           f"{mcfg.vocab_size}; the tokenizer belongs to another model")
     return base, model, tok, chat_tokenizer(tok, base)
 
 
@@ -100,8 +100,11 @@ def apply_method(model, cfg: FinetuneConfig) -> list[str]:
             p.requires_grad_(True)
         return []
     if cfg.method == "qlora":
-        from lmstack.quant import QuantConfig, quantize_model
-        quantize_model(model, QuantConfig(method="nf4", group_size=cfg.nf4_blocksize))
+        from lmstack.quant import QuantConfig, QuantError, quantize_model
+        try:
+            quantize_model(model, QuantConfig(method="nf4", group_size=cfg.nf4_blocksize))
+        except QuantError as e:
+            raise LmstackError(f"qlora with nf4_blocksize={cfg.nf4_blocksize}: {e}") from None
     if cfg.adapter:
         return load_adapter(model, cfg.adapter)
     return add_lora(model, LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmstack.data.chat_examples import IGNORE_INDEX, SFTExample
+from lmstack.data.chat_examples import SFTExample
 from lmstack.finetune.batching import SFTBatch, collate, pack_rows, pad_rows, trained_positions
 from lmstack.finetune.document_mask import document_mask
 from lmstack.train.objectives import Objective
@@ -36,29 +36,33 @@ from lmstack.utils import LmstackError
 
 class SFTObjective(Objective):
     """Causal LM loss on the trained positions of an SFTBatch, summed and scaled by the batch's
-    loss_scale; metric "acc": the fraction of trained tokens predicted exactly (greedy)."""
+    loss_scale; metric "acc": the fraction of trained tokens predicted exactly (greedy).
+
+    The final norm and LM head run only at the trained positions (the model's logits_indices):
+    prompt tokens carry no loss, so their logits (B*T x vocab floats, and their softmax in
+    backward) would be computed only to be thrown away."""
     name = "sft"
     model_mask = "causal"
 
     def loss(self, model, batch: SFTBatch):
+        idx = batch.loss_index
         if batch.packed:
             with document_mask(model, batch.segments):
-                logits = model(batch.input_ids, positions=batch.positions)          # (B, T, V)
+                logits = model(batch.input_ids, positions=batch.positions, logits_indices=idx)   # (N, V)
         else:
-            logits = model(batch.input_ids)
-        return sft_loss(logits, batch.targets, batch.loss_scale)
+            logits = model(batch.input_ids, logits_indices=idx)
+        return sft_loss(logits, batch.targets.reshape(-1)[idx], batch.loss_scale)
 
     def tokens(self, batch: SFTBatch) -> int:
         return batch.n_tokens
 
 
 def sft_loss(logits: torch.Tensor, targets: torch.Tensor, loss_scale: float):
-    """(sum of token NLLs * loss_scale, {"acc": correct trained tokens * loss_scale})."""
-    flat = logits.float().reshape(-1, logits.size(-1))
-    tgt = targets.reshape(-1)
-    nll = F.cross_entropy(flat, tgt, ignore_index=IGNORE_INDEX, reduction="sum")
-    keep = tgt != IGNORE_INDEX
-    correct = (flat.argmax(-1) == tgt)[keep].sum()
+    """logits (N, V) at trained positions, targets (N,) -> (sum of token NLLs * loss_scale,
+    {"acc": correct tokens * loss_scale})."""
+    logits = logits.float()
+    nll = F.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.argmax(-1) == targets).sum()
     return nll * loss_scale, {"acc": correct.float() * loss_scale}
 
 

@@ -32,7 +32,7 @@ from lmstack.infer.block_manager import BlockManager
 from lmstack.infer.detokenizer import Detokenizer
 from lmstack.infer.lora import LoRAAdapters, LoRAError, LoRARequest
 from lmstack.infer.outputs import RequestOutput
-from lmstack.infer.paged_cache import PagedKVCache
+from lmstack.infer.paged_cache import PagedKVCache, check_kv_cache_dtype
 from lmstack.infer.postprocess import Postprocessor
 from lmstack.infer.request import EngineRequest, RequestState
 from lmstack.infer.runner import ModelRunner
@@ -57,10 +57,11 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, block_size: int = 16, kv_cache_tokens: int | None = None,
                  kv_cache_bytes: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, speculative: dict | None = None,
-                 device: str = "auto", dtype=None, lora: dict | None = None):
+                 device: str = "auto", dtype=None, lora: dict | None = None, kv_cache_dtype: str = "auto"):
         for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens)):
             _positive_int(name, v)
+        check_kv_cache_dtype(kv_cache_dtype)    # "auto" (the model's dtype) or "int8" (paged_cache.py)
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         dt = pick_dtype(dtype) if isinstance(dtype, str) else dtype
         self.model, self.tokenizer, self.eos_token_id = loader.load(model, tokenizer, self.device, dt)
@@ -74,10 +75,11 @@ class LLMEngine:
         self.vocab_size = cfg.vocab_size
         # the compute dtype: the first float tensor's (a quantized model also holds integer ones)
         cache_dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
-        per_token = PagedKVCache.bytes_per_token(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, cache_dtype)
+        per_token = PagedKVCache.bytes_per_token(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, cache_dtype,
+                                                 kv_cache_dtype)
         num_blocks = self._num_blocks(block_size, kv_cache_tokens, kv_cache_bytes, per_token, max_num_seqs)
         self.cache = PagedKVCache(cfg.n_layer, num_blocks, block_size, cfg.n_kv_head, cfg.head_dim,
-                                  cache_dtype, self.device)
+                                  cache_dtype, self.device, kv_cache_dtype)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len)
         self.runner = ModelRunner(self.model, self.cache, self.block_manager, self.device,

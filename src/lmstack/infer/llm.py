@@ -1,6 +1,7 @@
 """`LLM`: offline generation over the engine's step loop (vLLM's `LLM` API).
 
     llm = LLM("runs/tiny", kv_cache_tokens=8192)
+    llm = LLM("runs/tiny", kv_cache_dtype="int8")   # K/V as int8 + a scale per token and head (paged_cache.py)
     outs = llm.generate(["a", "b"], SamplingParams(temperature=0.8, max_tokens=64, seed=0))
     outs[0].outputs[0].text; llm.stats(); llm.beam_search(["a"], beam_width=4, max_tokens=16)
     llm.update_weights(policy)       # RL: new weights in place, prefix cache dropped
@@ -45,12 +46,12 @@ class LLM:
     def __init__(self, model, tokenizer=None, block_size: int = 16, kv_cache_tokens: int | None = None,
                  kv_cache_bytes: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, speculative: dict | None = None,
-                 device: str = "auto", dtype=None, lora: dict | None = None):
+                 device: str = "auto", dtype=None, lora: dict | None = None, kv_cache_dtype: str = "auto"):
         self.engine = LLMEngine(model, tokenizer, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                                 kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching, speculative=speculative,
-                                device=device, dtype=dtype, lora=lora)
+                                device=device, dtype=dtype, lora=lora, kv_cache_dtype=kv_cache_dtype)
 
     @property
     def tokenizer(self):

@@ -58,7 +58,19 @@ def _load() -> str | None:
         return f"they were built for torch {info.get('torch')}, this is torch {torch.__version__}"
     if not _registered():   # build() in this process already loaded it
         torch.ops.load_library(str(build.library_path()))
+        _register_fakes()
     return None
+
+
+def _register_fakes() -> None:
+    """Output shapes without data (meta / fake tensors), so torch.compile can put the ops in a graph."""
+    @torch.library.register_fake("lmstack::quant_linear")
+    def _(x, weight, scale, zero, codebook, bits, group_size, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("lmstack::quant_dequantize")
+    def _(weight, scale, zero, codebook, bits, group_size):
+        return scale.new_empty(weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1))
 
 
 def _registered() -> bool:
@@ -69,6 +81,7 @@ def _registered() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result   # torch.compile: decided once, outside the graph
 def available() -> bool:
     """True when the compiled kernels can be used (and are not turned off by disabled())."""
     global _loaded, _why_not
@@ -120,18 +133,25 @@ def quant_linear(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor | None, 
     a symmetric grid (zero point 2^(bits-1)); codebook (16,) float32 for 4-bit lookup formats
     (NF4: W_hat = codebook[q] * scale), None for integer grids (W_hat = (q - zero) * scale).
     Raises KernelsUnavailable when the library cannot be loaded."""
-    if not _loaded and not available():
-        raise KernelsUnavailable(f"the compiled kernels are unavailable: {unavailable_reason()}")
-    return torch.ops.lmstack.quant_linear(x, weight, scale, zero, codebook, bits, group_size, bias)
+    if not _loaded:
+        _require()
+    # the overload itself: the packet's __call__ would resolve it again on every call (decode
+    # makes one call per linear and token, so microseconds count)
+    return torch.ops.lmstack.quant_linear.default(x, weight, scale, zero, codebook, bits, group_size, bias)
 
 
 def quant_dequantize(weight: Tensor, scale: Tensor, zero: Tensor | None, codebook: Tensor | None, bits: int,
                      group_size: int) -> Tensor:
     """The (N, K) float32 W_hat of quant_linear's weight format, in one pass (equal bit for bit
     to model/quantized.py's dequantize(): one rounding, of (q - zero) * scale or codebook[q] * scale)."""
-    if not _loaded and not available():
+    if not _loaded:
+        _require()
+    return torch.ops.lmstack.quant_dequantize.default(weight, scale, zero, codebook, bits, group_size)
+
+
+def _require() -> None:
+    if not available() and not _loaded:
         raise KernelsUnavailable(f"the compiled kernels are unavailable: {unavailable_reason()}")
-    return torch.ops.lmstack.quant_dequantize(weight, scale, zero, codebook, bits, group_size)
 
 
 __all__ = ["KernelsUnavailable", "available", "unavailable_reason", "disabled", "quant_linear", "quant_dequantize"]

@@ -22,15 +22,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "quant_linear.cpp",)
+SOURCES = (HERE / "quant_linear.cpp", HERE / "pool.h")   # what the build record hashes
 BUILD_DIR = HERE / "_build"
 INFO = BUILD_DIR / "BUILD_INFO.json"
 NAME = "lmstack_kernels"
 # -march=native: the library is built on the machine that runs it (AVX2/FMA where the CPU has
-# them; the source has scalar loops for CPUs without). -fopenmp: at::parallel_for runs on
-# torch's OpenMP pool only when the extension is compiled with OpenMP (torch ships libgomp).
-CFLAGS = ("-O3", "-march=native", "-fopenmp")
-LDFLAGS = ("-fopenmp",)
+# them; the source has scalar loops for CPUs without).
+CFLAGS = ("-O3", "-march=native")
+LDFLAGS: tuple[str, ...] = ()
 
 
 def sources_hash() -> str:
@@ -54,7 +53,7 @@ def build(verbose: bool = False) -> Path:
         raise RuntimeError("ninja is not installed (torch.utils.cpp_extension builds with it)")
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     INFO.unlink(missing_ok=True)   # no record while the library may be half-written
-    cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+    cpp_extension.load(NAME, [str(s) for s in SOURCES if s.suffix == ".cpp"], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                        build_directory=str(BUILD_DIR), is_python_module=False, verbose=verbose)
     lib = library_path()
     if not lib.exists():

@@ -24,16 +24,17 @@
 // multiplies each with GEMM. quant_dequantize writes the whole (N, K) float32 W_hat, equal bit
 // for bit to the Python dequantize() (for QLoRA training, where autograd needs F.linear).
 //
-// Work split: output rows in parallel (at::parallel_for, the same thread pool as torch);
-// inside a row, the M rows of x in tiles of up to 4, so a weight is decoded once per tile.
+// Work split: output rows in parallel on torch.get_num_threads() threads (pool.h: the caller
+// never waits for a thread that has not started, which OpenMP's barrier does); inside a row, the M rows of x in tiles of up to 4, so a weight is decoded once per tile.
 // AVX2 + FMA when the compiler targets them (build.py passes -march=native); otherwise the
 // scalar loops below do all the work (they are also the tails of the vector loops).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+
+#include "pool.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -42,10 +43,10 @@
 
 namespace {
 
-constexpr int kTile = 4;
+constexpr int kTile = 4;  // rows of x per pass over a weight row (8 vector accumulators + temporaries fit 16 ymm)
 // Up to this many rows of x, quant_linear runs its GEMV tiles; beyond, the weight is dequantized
 // block by block for MKL's GEMM (benchmarks/bench_quant.py --micro --rows ... measures the crossover).
-constexpr int64_t kSmallRows = 16;  // rows of x per pass over a weight row (8 vector accumulators + temporaries fit 16 ymm)
+constexpr int64_t kSmallRows = 8;
 
 struct Args {
   const float* x;       // bits 8: (M, K) x;  bits 4: (M, K/2) even columns of x
@@ -60,8 +61,8 @@ struct Args {
   float zconst;         // the zero point of a symmetric grid
 };
 
-// each task gets at least ~64k weights, so small layers stay on one thread (a parallel region
-// costs microseconds; a 64x64 layer takes less than one)
+// each chunk of rows holds at least ~64k weights, so small layers stay on the calling thread
+// (waking a helper costs microseconds; a 64x64 layer takes less than one)
 int64_t row_grain(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1)); }
 
 #ifdef LMSTACK_AVX2
@@ -196,7 +197,7 @@ void row_tile(const Args& a, int64_t o, int64_t m0) {
 
 template <int BITS, bool LUT>
 void run(const Args& a) {
-  at::parallel_for(0, a.N, row_grain(a.K), [&](int64_t begin, int64_t end) {
+  lmstack::parallel_rows(a.N, row_grain(a.K), [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       for (int64_t m0 = 0; m0 < a.M; m0 += kTile) {
         switch (std::min<int64_t>(kTile, a.M - m0)) {
@@ -287,8 +288,8 @@ Args weight_args(const at::Tensor& weight, const at::Tensor& scale, const c10::o
 }
 
 void dequant_rows(const Args& a, int64_t bits, bool lut, int64_t begin, int64_t end, float* out) {
-  at::parallel_for(begin, end, row_grain(a.K), [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
+  lmstack::parallel_rows(end - begin, row_grain(a.K), [&](int64_t b, int64_t e) {
+    for (int64_t o = begin + b; o < begin + e; ++o) {
       float* dst = out + (o - begin) * a.K;
       if (bits == 8) dequant_row<8, false>(a, o, dst);
       else if (lut) dequant_row<4, true>(a, o, dst);

@@ -14,9 +14,10 @@ from lmstack.model.transforms import apply_transforms, get_transforms, record_tr
 from lmstack.model.lora import LoRALinear, inject_lora  # registers the "lora" transform
 from lmstack.model.quantized import IntLinear, NF4Linear, QuantLinear  # registers the "quant" transform
 from lmstack.model.heads import add_score_head  # registers the "score_head" transform
+from lmstack.model.pruned import PruneError  # registers the "prune" transform (values only)
 
 __all__ = ["ModelConfig", "ConfigError", "PRESETS", "Transformer", "Block", "KVCache", "ContiguousKVCache",
            "Encoder", "EncoderDecoder", "EncoderMemory", "build_model", "from_pretrained", "model_class",
            "LinearTarget", "find_linears", "linear_roles", "replace_linears", "apply_transforms", "get_transforms",
            "record_transform", "register_transform", "LoRALinear", "inject_lora",
-           "QuantLinear", "IntLinear", "NF4Linear"]
+           "QuantLinear", "IntLinear", "NF4Linear", "PruneError"]

@@ -335,10 +335,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                       context_length=512, pos_emb="learned", mask="bidirectional", norm="layernorm", norm_eps=1e-12,
                       norm_placement="post", mlp="gelu_exact", bias=True, qkv_bias=True, n_token_types=2,
                       embed_norm=True),
-    # arch="encoder-decoder" at T5's layout (relative bias, RMSNorm, unscaled attention, scaled tied head)
-    "t5-tiny": dict(arch="encoder-decoder", vocab_size=4096, n_layer=2, n_encoder_layer=2, n_head=4, n_embd=128, intermediate_size=512,
-                    context_length=512, pos_emb="relative", norm="rmsnorm", norm_eps=1e-6, mlp="relu",
-                    attn_scale=1.0, scale_head=True, tie_embeddings=True),
+    # arch="encoder-decoder" at T5 v1.1's layout (relative bias, RMSNorm, unscaled attention, gated
+    # GELU, own LM head). Not T5's scaled tied head: n_embd**-0.5 on top of our N(0, 0.02) init
+    # (T5 inits embeddings N(0, 1)) leaves the logits near zero and training crawls.
+    "t5-tiny": dict(arch="encoder-decoder", vocab_size=4096, n_layer=2, n_encoder_layer=2, n_head=4, n_embd=128,
+                    intermediate_size=512, context_length=512, pos_emb="relative", norm="rmsnorm", norm_eps=1e-6,
+                    mlp="gated_gelu", attn_scale=1.0, tie_embeddings=False),
     "gpt2-124m": dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, context_length=1024, pos_emb="learned",
                       norm="layernorm", norm_eps=1e-5, mlp="gelu", bias=True, qkv_bias=True, tie_embeddings=True),
 }

@@ -86,6 +86,15 @@ class EncoderDecoder(Transformer):
             memory = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, memory, decoder_positions, cache, logits_indices)
 
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token as Transformer.flops_per_token counts them, with encoder and
+        decoder inputs both seq_len long: 6 * N plus the attention of the encoder's layers, the
+        decoder's self-attention and its cross-attention (12 * H * D * T each per layer)."""
+        cfg = self.config
+        T = cfg.context_length if seq_len is None else seq_len
+        attn_layers = cfg.n_encoder_layer + 2 * cfg.n_layer
+        return 6 * self.num_active_params() + 12 * attn_layers * cfg.n_head * cfg.head_dim * T
+
     @torch.no_grad()
     def introspect(self, ids: Tensor, positions: Tensor | None = None, prefix_lens: Tensor | None = None) -> dict:
         raise LmstackError("introspect() shows a decoder-only or encoder model's attention; an encoder-decoder "

@@ -141,14 +141,16 @@ class QuantLinear(nn.Module):
             # QLoRA training through the layer: autograd differentiates F.linear in x and bias
             # (the weight is a constant), on the weight dequantized in one C++ pass
             return F.linear(x, self._kernel_dequantize(), b)
-        y = self._kernel_linear(x.reshape(-1, self.in_features).contiguous())   # (B*T, out)
+        if x.dim() == 2:   # (B*T, in) -> (B*T, out); decode calls this once per linear and token
+            return self._kernel_linear(x.contiguous())
+        y = self._kernel_linear(x.reshape(-1, self.in_features).contiguous())
         return y.view(*x.shape[:-1], self.out_features)
 
     def _kernel_fits(self, x: Tensor) -> bool:
         """The compiled kernels serve float32 CPU inputs (and float32 statistics) once built."""
         b = self.bias
-        return x.device.type == "cpu" and x.dtype == torch.float32 and (b is None or b.dtype == torch.float32) \
-            and kernels.available()
+        return x.is_cpu and x.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and \
+            kernels.available()
 
     def _kernel_linear(self, x: Tensor) -> Tensor:
         """x (M, in) contiguous float32 -> (M, out) = F.linear(x, dequantize(), bias) by kernels.quant_linear."""
@@ -229,8 +231,8 @@ class IntLinear(QuantLinear):
         return w if dtype is None else w.to(dtype)
 
     def _kernel_fits(self, x: Tensor) -> bool:
-        stats = (self.weight_scale, self.awq_scale) if self.awq else (self.weight_scale,)
-        return all(t.dtype == torch.float32 for t in stats) and super()._kernel_fits(x)
+        return self.weight_scale.dtype == torch.float32 and (not self.awq or self.awq_scale.dtype == torch.float32) \
+            and super()._kernel_fits(x)
 
     def _kernel_linear(self, x: Tensor) -> Tensor:
         if self.awq:   # W_hat = W' / s column-wise, so x @ W_hat^T = (x / s) @ W'^T

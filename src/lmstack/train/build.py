@@ -40,14 +40,14 @@ def preflight(cfg: TrainConfig) -> None:
 def build_model(cfg: TrainConfig, given, objective: Objective | None, n_vocab: int | None,
                 specials: dict) -> tuple[nn.Module, Objective]:
     """(the model to train, on CPU; the objective: `objective`, else cfg.objective's)."""
-    from lmstack.model import ModelConfig, Transformer
+    from lmstack.model import ModelConfig, build_model as build_arch, from_pretrained
     init = None
     if isinstance(given, ModelConfig):
         mcfg = given
     elif isinstance(given, nn.Module):
         mcfg = getattr(given, "config", None)
     elif Path(cfg.model).is_dir():  # continue from a saved model (ours or Hugging Face's)
-        init = Transformer.from_pretrained(cfg.model, dtype=torch.float32)
+        init = from_pretrained(cfg.model, dtype=torch.float32)
         mcfg = init.config
     else:
         over = dict(cfg.model_overrides)
@@ -60,21 +60,29 @@ def build_model(cfg: TrainConfig, given, objective: Objective | None, n_vocab: i
     else:
         need_vocab = vocab
     mask = objective.model_mask
+    arch = getattr(objective, "model_arch", None)     # an objective for another architecture type (span)
     check_seq_len(cfg.seq_len, mcfg, f"set model_overrides: {{context_length: {cfg.seq_len}}}")
     if isinstance(given, nn.Module):  # the caller's model is used as is: check it fits
         if mcfg is not None and mask is not None and mcfg.mask != mask:
             raise LmstackError(f"the objective {objective.name!r} needs a model with mask={mask!r}, but the model "
                                f"passed in has mask={mcfg.mask!r}; build it with mask={mask!r}")
+        if mcfg is not None and arch is not None and mcfg.arch != arch:
+            raise LmstackError(f"the objective {objective.name!r} needs a model with arch={arch!r}, but the model "
+                               f"passed in has arch={mcfg.arch!r}")
         if mcfg is not None and need_vocab > mcfg.vocab_size:
             raise LmstackError(f"the data needs vocab_size >= {need_vocab} but the model passed in has "
                                f"vocab_size={mcfg.vocab_size}; build it with a larger vocabulary")
         return given, objective
     changes = {"mask": mask} if mask is not None else {}
+    if arch is not None and mcfg.arch != arch:
+        changes["arch"] = arch
+        if arch == "encoder-decoder" and not mcfg.n_encoder_layer:
+            changes["n_encoder_layer"] = mcfg.n_layer       # a decoder preset: an encoder as deep
     if need_vocab > mcfg.vocab_size:
         changes["vocab_size"] = need_vocab
     if init is not None and all(getattr(mcfg, k) == v for k, v in changes.items()):
         return init, objective       # keeps its transforms and which parameters are frozen
-    raw = Transformer(mcfg.replace(**changes))
+    raw = build_arch(mcfg.replace(**changes))
     if init is not None:
         try:
             raw.load_state_dict(init.state_dict())

@@ -28,10 +28,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lmstack.train.optim import build_optimizer, param_groups
-from lmstack.train.optim_state import load_named_optimizer_state, named_optimizer_state
-from lmstack.train.parallel import WHOLE_MODEL_MODES, check_model, degrees
+from lmstack.train.parallel import WHOLE_MODEL_MODES, check_model, degrees, planned_model_config  # noqa: F401
+from lmstack.train.parallel_pp import Pipelined, keep_stage
 from lmstack.train.parallel_tp import apply_tensor_parallel, permute_state
-from lmstack.train.parallel_zero import ZERO_STAGES, shard_model, zero1_load_state_dict, zero1_optimizer, zero1_state_dict
+from lmstack.train.parallel_zero import (ZERO_STAGES, shard_model, zero1_load_state_dict, zero1_optimizer,
+                                         zero1_state_dict)
 from lmstack.utils import LmstackError, pick_device
 
 
@@ -149,7 +150,8 @@ def wrap_model(model: nn.Module, info: DistInfo, cfg=None, dtype: torch.dtype = 
         apply_tensor_parallel(model, mesh["tp"])
         return shard_model(model, 3, find_blocks(model), mesh=mesh["dp"]) if mode == "tp+dp" else model
     if mode == "pp":
-        from lmstack.train.parallel_pp import Pipelined, keep_stage
+        if dtype == torch.float16:   # the schedule runs the backward itself, unscaled by a GradScaler
+            raise LmstackError("--distributed pp does not support dtype=float16 (GradScaler); use bfloat16")
         keep_stage(model, info.rank, info.pp)
         return Pipelined(model, info.rank, info.pp, cfg.grad_accum, cfg.pp_schedule, info.device, dtype)
     return model
@@ -160,6 +162,14 @@ def make_optimizer(model: nn.Module, info: DistInfo, lr: float, weight_decay: fl
     """AdamW over `model`'s parameters (a stage's, a shard's): ZeroRedundancyOptimizer under zero1."""
     if info.mode == "zero1":
         return zero1_optimizer(model, lr, weight_decay, betas, eps)
+    if info.pp > 1 and model.wte is None and model.lm_head is not None and model.config.tie_embeddings:
+        # The last stage's copy of the tied embedding sits in lm_head alone, and param_groups tells
+        # embeddings (no weight decay) by their module: put it where stage 0's copy is.
+        decay, no_decay = param_groups(model, weight_decay)
+        tied = model.lm_head.weight
+        decay["params"] = [p for p in decay["params"] if p is not tied]
+        no_decay["params"].append(tied)
+        return torch.optim.AdamW([decay, no_decay], lr=lr, betas=betas, eps=eps, fused=True)
     if info.tp > 1:   # DTensor shards beside whole norms (or shards on two meshes under tp+dp): the
         # fused and foreach kernels take one list of like tensors and refuse the mix; step each one
         return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=False)
@@ -192,7 +202,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInf
     trainable_only: leave out frozen parameters (never gathered: a frozen FSDP base stays sharded)."""
     mode = info.mode if info is not None else "none"
     if mode == "pp":
-        return pipeline_state(model, optimizer, info, trainable_only)
+        return model.full_state(optimizer, info.world_size, trainable_only)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     if mode == "zero1":
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -220,7 +230,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
                                                  for saved, mine in zip(optim_sd["param_groups"],
                                                                         optimizer.param_groups)]}
     if mode == "pp":
-        return load_pipeline_state(model, optimizer, model_sd, optim_sd, strict)
+        return model.load_full_state(optimizer, model_sd, optim_sd, strict)
     if mode == "zero1":
         model.module.load_state_dict(model_sd, strict=strict)
         return zero1_load_state_dict(model.module, optimizer, optim_sd)
@@ -264,44 +274,6 @@ def clip_grad_norm_(model: nn.Module, params: list, max_norm: float, info: DistI
     for gs in groups.values():
         torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g, _ in gs], coef)
     return float(total)
-
-
-# --------------------------------------------------------------------------- pipeline checkpoints
-def pipeline_state(runner, optimizer, info: DistInfo, trainable_only: bool) -> tuple[dict, dict]:
-    """Each stage's weights and name-keyed optimizer state, merged on rank 0. Collective."""
-    model = runner.module
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad} if trainable_only else set()
-    model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
-    optim_sd = named_optimizer_state(model, optimizer)
-    if runner.norm_excluded:          # the last stage's copy of a tied weight: stage 0 saves its state
-        drop = {n for n, p in model.named_parameters() if id(p) in runner.norm_excluded}
-        optim_sd["state"] = {k: v for k, v in optim_sd["state"].items() if k not in drop}
-        for g in optim_sd["param_groups"]:
-            g["params"] = [n for n in g["params"] if n not in drop]
-    parts = [None] * info.world_size if info.is_main else None
-    dist.gather_object((model_sd, optim_sd), parts, dst=0)
-    if not info.is_main:
-        return {}, {}
-    merged_model, merged_optim = {}, {"state": {}, "param_groups": []}
-    for m_sd, o_sd in parts:
-        merged_model.update(m_sd)
-        merged_optim["state"].update(o_sd["state"])
-        for i, g in enumerate(o_sd["param_groups"]):
-            if i == len(merged_optim["param_groups"]):
-                merged_optim["param_groups"].append({**g, "params": []})
-            merged_optim["param_groups"][i]["params"] += g["params"]
-    return merged_model, merged_optim
-
-
-def load_pipeline_state(runner, optimizer, model_sd: dict, optim_sd: dict | None, strict: bool) -> None:
-    """Load this stage's part of a whole-model state."""
-    model = runner.module
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in model_sd.items() if k in own}, strict=strict)
-    if optim_sd is not None:
-        # the last stage's copy of a tied weight continues the state saved under its first name
-        rename = {n: "wte.weight" for n, p in model.named_parameters() if id(p) in runner.norm_excluded}
-        load_named_optimizer_state(model, optimizer, optim_sd, rename)
 
 
 def gather_objects(obj, info: DistInfo) -> list:

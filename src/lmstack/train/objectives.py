@@ -40,11 +40,13 @@ How the methods still to come fit (the Trainer does not change for any of them):
              a group of rollouts per prompt, scores them and returns tokens, old log-probs and
              advantages; the objective computes the clipped policy loss + KL.
 
-Pretraining is three built-in objectives over packed `(x, y)` batches (y = x shifted by one):
+Pretraining is four built-in objectives over packed `(x, y)` batches (y = x shifted by one):
     causal   next-token prediction on every position, causal attention (GPT).
     masked   BERT-style masked LM: 15% of positions are chosen; of those 80% become the mask
              token, 10% a random token, 10% stay as they are; attention is bidirectional and
              the loss is taken on the chosen positions only (predicting the original token).
+    span     T5's span corruption for an encoder-decoder (span.py): 15% of tokens in spans of
+             mean length 3 become sentinels in the encoder's input; the decoder writes the spans.
     prefix   prefix LM (T5/UniLM style): a prefix length L is drawn per row; attention is
              bidirectional over x[:L] and causal after it; the loss covers only the tokens
              after the prefix, i.e. positions L-1 .. T-1 (position t predicts token t+1, and
@@ -228,7 +230,8 @@ def attention_allowed(kind: str, T: int, prefix_lens: Tensor | None = None) -> T
     raise ValueError(f"unknown mask kind {kind!r}")
 
 
-OBJECTIVES = ("causal", "masked", "prefix")
+OBJECTIVES = ("causal", "masked", "prefix", "span")
+SPAN_SENTINELS = 100   # span: T5's <extra_id_0..99>, extra rows at the top of the vocabulary
 
 
 def build_objective(name: str, tokenizer_specials: dict[str, int] | None, n_vocab: int,
@@ -238,6 +241,9 @@ def build_objective(name: str, tokenizer_specials: dict[str, int] | None, n_voca
         return CausalLM(), n_vocab
     if name == "prefix":
         return PrefixLM(), n_vocab
+    if name == "span":       # an encoder-decoder objective (span.py): the sentinels get rows of their own
+        from lmstack.train.span import SpanCorruption
+        return SpanCorruption(n_vocab + SPAN_SENTINELS, SPAN_SENTINELS, text_vocab=n_vocab), n_vocab + SPAN_SENTINELS
     if name == "masked":
         specials = tokenizer_specials or {}
         if MASK_TOKEN in specials:

@@ -116,3 +116,17 @@ def planned_model_config(cfg, model_arg):
         return ModelConfig.preset(cfg.model, **cfg.model_overrides)
     except (ValueError, TypeError) as e:
         raise LmstackError(str(e)) from None
+
+
+def check_launch(cfg, world_size: int) -> None:
+    """Every door check of cfg.distributed on `world_size` ranks that needs no data: the CLI runs
+    it before it builds a default corpus (the Trainer runs the same checks itself)."""
+    mode = cfg.distributed
+    if world_size < 1 and mode not in ("auto", "none"):
+        raise LmstackError(f"distributed={mode!r} needs a launcher: run under "
+                           f"`torchrun --nproc-per-node N -m lmstack.cli.main train ...`")
+    if world_size < 1 or mode == "none":
+        return
+    mode = "ddp" if mode == "auto" else mode
+    tp, pp = degrees(mode, world_size, cfg.tp_size)
+    check_model(mode, planned_model_config(cfg, None), tp, pp, cfg.objective, cfg.grad_accum, cfg.pp_schedule)

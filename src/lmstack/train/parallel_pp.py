@@ -32,12 +32,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lmstack.model.attention import AttnContext, make_slopes
-from lmstack.train.objectives import CausalLM, MaskedLM, token_loss
+from lmstack.train.objectives import token_loss
+from lmstack.train.optim_state import load_named_optimizer_state, named_optimizer_state
 from lmstack.utils import LmstackError, autocast
-
-SCHEDULES = ("1f1b", "gpipe")
-PIPELINE_OBJECTIVES = (CausalLM, MaskedLM)
-
 
 def stage_bounds(n_layer: int, n_stages: int, stage: int) -> tuple[int, int]:
     """Blocks [lo, hi) of `stage`: contiguous, sizes differ by at most one (earlier stages larger)."""
@@ -106,10 +103,10 @@ class Pipelined(nn.Module):
         self.first, self.last = stage == 0, stage == n_stages - 1
         self.fwd = StageForward(model, self.first, self.last)
         kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-        loss = lambda logits, targets: token_loss(logits, targets)  # noqa: E731  (mean per micro-batch)
-        self.schedule = kind(PipelineStage(self.fwd, stage, n_stages, device), n_micro, loss_fn=loss)
+        # loss_fn(logits, targets) on the last stage: each micro-batch's mean; grads scaled by 1/n_micro
+        self.schedule = kind(PipelineStage(self.fwd, stage, n_stages, device), n_micro, loss_fn=token_loss)
         # forward-only, one micro-batch: evaluation batches need not split into n_micro pieces
-        self.eval_schedule = ScheduleGPipe(PipelineStage(self.fwd, stage, n_stages, device), 1, loss_fn=loss)
+        self.eval_schedule = ScheduleGPipe(PipelineStage(self.fwd, stage, n_stages, device), 1, loss_fn=token_loss)
         tied = model.config.tie_embeddings
         # new_group is collective: every rank creates it, only stage 0 and the last use it
         self.embed_group = dist.new_group([0, n_stages - 1]) if tied else None
@@ -129,8 +126,8 @@ class Pipelined(nn.Module):
         kw = dict(target=targets, losses=losses) if self.last else {}
         with autocast(self.device, self.dtype):
             (schedule.step if train else schedule.eval)(*args, **kw)
-        total = torch.stack(losses).detach().float().sum() if self.last else torch.zeros(())
-        return torch.stack([total, torch.zeros(())])      # [loss, MoE aux] summed over micro-batches
+        total = torch.stack(losses).detach().float().sum() if self.last else torch.zeros((), device=self.device)
+        return torch.stack([total, torch.zeros_like(total)])      # [loss, MoE aux] summed over micro-batches
 
     def train_step(self, batches: list) -> torch.Tensor:
         """Forward + backward of the step's micro-batches; (2,) [sum of micro-batch losses, 0]
@@ -143,6 +140,42 @@ class Pipelined(nn.Module):
     @torch.no_grad()
     def eval_values(self, batch) -> torch.Tensor:
         return self._run(self.eval_schedule, [batch], train=False)
+
+    # ---- checkpoints: each stage's part, merged into the whole model's state on rank 0
+    def full_state(self, optimizer, world_size: int, trainable_only: bool) -> tuple[dict, dict]:
+        """The whole model's weights and name-keyed optimizer state on rank 0 ({} elsewhere). Collective."""
+        model = self.module
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad} if trainable_only else set()
+        model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
+        optim_sd = named_optimizer_state(model, optimizer)
+        if self.norm_excluded:        # the last stage's copy of a tied weight: stage 0 saves its state
+            drop = {n for n, p in model.named_parameters() if id(p) in self.norm_excluded}
+            optim_sd["state"] = {k: v for k, v in optim_sd["state"].items() if k not in drop}
+            for g in optim_sd["param_groups"]:
+                g["params"] = [n for n in g["params"] if n not in drop]
+        parts = [None] * world_size if dist.get_rank() == 0 else None
+        dist.gather_object((model_sd, optim_sd), parts, dst=0)
+        if parts is None:
+            return {}, {}
+        merged_model, merged_optim = {}, {"state": {}, "param_groups": []}
+        for m_sd, o_sd in parts:          # stages in order: the groups list parameters in model order
+            merged_model.update(m_sd)
+            merged_optim["state"].update(o_sd["state"])
+            for i, g in enumerate(o_sd["param_groups"]):
+                if i == len(merged_optim["param_groups"]):
+                    merged_optim["param_groups"].append({**g, "params": []})
+                merged_optim["param_groups"][i]["params"] += g["params"]
+        return merged_model, merged_optim
+
+    def load_full_state(self, optimizer, model_sd: dict, optim_sd: dict | None, strict: bool) -> None:
+        """Load this stage's part of a whole-model state (any mode's checkpoint)."""
+        model = self.module
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in model_sd.items() if k in own}, strict=strict)
+        if optim_sd is not None:
+            # the last stage's copy of a tied weight continues the state saved under its first name
+            rename = {n: "wte.weight" for n, p in model.named_parameters() if id(p) in self.norm_excluded}
+            load_named_optimizer_state(model, optimizer, optim_sd, rename)
 
     def forward(self, *args, **kwargs):
         raise LmstackError("a pipeline stage has no whole-model forward; use train_step or eval_values")

@@ -46,9 +46,7 @@ def shard_model(model: nn.Module, stage: int, blocks: list[nn.Module], mesh=None
     reshard = stage == 3
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-    # The root's parameters (embeddings, final norm, head) are used last in forward and first in
-    # backward: FSDP2 never reshards the root after forward, whatever the flag says.
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)   # the rest: embeddings, final norm, head
     return model
 
 

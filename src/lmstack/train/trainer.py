@@ -43,8 +43,6 @@ from lmstack.train.config import TrainConfig
 from lmstack.train.metrics import MetricsLog, check_objective_output, metric_vector, peak_flops
 from lmstack.train.objectives import as_objective
 from lmstack.train.optim import lr_multiplier, set_lr
-from lmstack.train.parallel import check_model, planned_model_config
-from lmstack.train.parallel_pp import Pipelined
 from lmstack.train.resume import check_checkpoint_fits, frozen_fingerprint, trainable_names
 from lmstack.utils import LmstackError, atomic_write_json, autocast, ensure_writable_dir, progress, seed_everything
 
@@ -111,13 +109,16 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         self.info = dd.init_distributed(cfg.device, cfg.distributed, cfg.tp_size)
-        check_model(self.info.mode, planned_model_config(cfg, self.model_arg), self.info.tp, self.info.pp,
-                    self.objective or cfg.objective, cfg.grad_accum, cfg.pp_schedule)
+        dd.check_model(self.info.mode, dd.planned_model_config(cfg, self.model_arg), self.info.tp, self.info.pp,
+                       self.objective or cfg.objective, cfg.grad_accum, cfg.pp_schedule)   # before building it
         self.device = self.info.device
         if self.info.is_main:
             ensure_writable_dir(self.out, "choose another --out")
         seed_everything(cfg.seed)       # same init on every rank
         raw, self.objective = build_model(cfg, self.model_arg, self.objective, *self._open_data())
+        if cfg.qat:   # fake-quantized linears keep the float weights' names: the rest of the loop is unchanged
+            from lmstack.quant.qat import prepare_qat
+            prepare_qat(raw, cfg.qat)
         self.mcfg = getattr(raw, "config", None)
         self.trainable = trainable_names(raw)
         if not self.trainable:
@@ -135,11 +136,10 @@ class Trainer:
                                            (cfg.beta1, cfg.beta2), cfg.eps)
         self.fwd_model = torch.compile(self.model) if cfg.compile else self.model
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        # per data-parallel rank: ranks that share batches (tp, pp) draw the same masks and dropout
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.info.dp_rank)  # objective randomness
-        torch.manual_seed(cfg.seed + self.info.dp_rank)
+        torch.manual_seed(cfg.seed + self.info.dp_rank)  # dropout: per data-parallel rank (tp, pp ranks share)
         self.step, self.tokens_seen, self.resumed_from = 0, 0, None
-        self.pipelined = isinstance(self.model, Pipelined)   # its loss is token CE: no metrics
+        self.pipelined = isinstance(self.model, dd.Pipelined)   # its loss is token CE: no metrics
         self._metric_keys, self._val_start = [] if self.pipelined else None, None
         self.metrics = MetricsLog(self.out, cfg.tensorboard) if self.info.is_main else None
         if resume_from is not None:
@@ -202,8 +202,7 @@ class Trainer:
         if partial and set(weights) != self.trainable:
             raise LmstackError(f"checkpoint {path} is damaged: its weights are not this run's trainable parameters")
         dd.load_full_state(self.model, self.optimizer, weights, state["optimizer"], self.info, strict=not partial)
-        # per data-parallel rank states; same_world: the same number of data-parallel ranks
-        same_world = meta.get("data_parallel", meta.get("world_size", 1)) == self.info.dp_size
+        same_world = meta.get("data_parallel", meta.get("world_size", 1)) == self.info.dp_size   # states per dp rank
         own = self.info.dp_rank if same_world else 0
         ckpt.set_rng_state(state["rng"][own])
         self.gen.set_state(state["objective_rng"][own])
@@ -291,7 +290,8 @@ class Trainer:
         total = None
         for _ in range(self.cfg.eval_batches):
             batch = self._prepare(self.val_batches.next_batch(), gen)
-            vals = self.model.eval_values(batch) if self.pipelined else self._values(*self._micro_loss(self.model, batch))
+            vals = self.model.eval_values(batch) if self.pipelined else \
+                self._values(*self._micro_loss(self.model, batch))
             total = vals if total is None else total + vals
         self.model.train()
         means = [v / self.info.dp_size for v in dd.data_sum((total / self.cfg.eval_batches).tolist(), self.info)]

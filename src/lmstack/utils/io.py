@@ -45,10 +45,32 @@ def ensure_writable_dir(path: str | os.PathLike, fix: str) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else by the
+    classic set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def mkstemp_like_open(path: Path) -> tuple[int, str]:
+    """A temp sibling of `path` for an atomic write, with the mode `open()` would give the
+    final file (0o666 less the umask): mkstemp makes it 0o600, which the rename would keep."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     _check_parent(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_like_open(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -83,6 +105,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     _check_parent(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~current_umask())   # as mkdir would (mkdtemp makes it 0o700)
     try:
         yield tmp
         for f in tmp.rglob("*"):

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from lmstack.quant.export.ggml_blocks import GGML_TYPES, nbytes
 from lmstack.utils import LmstackError
+from lmstack.utils.io import mkstemp_like_open
 
 MAGIC = b"GGUF"
 VERSION = 3
@@ -147,7 +148,7 @@ def write_gguf(path: str | os.PathLike, kvs: list[KV], tensors: list[TensorPlan]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise LmstackError(f"GGUF tensor names must be unique; repeated: {repeated}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_like_open(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header_bytes(kvs, tensors))

@@ -59,4 +59,5 @@ def test_perplexities_by_hand():
     p = perplexities(-math.log(2) * 8, tokens=8, words=4, n_bytes=16)
     assert p["token_perplexity"] == pytest.approx(2.0) and p["word_perplexity"] == pytest.approx(4.0)
     assert p["byte_perplexity"] == pytest.approx(math.sqrt(2)) and p["bits_per_byte"] == pytest.approx(0.5)
+    assert perplexities(0.0, 0, 0, 0)["token_perplexity"] is None           # nothing scored
     assert count_words("a  b\nc ") == 4          # lm-eval's re.split: the trailing space makes an empty piece
