@@ -2,6 +2,13 @@
 # `make install` is idempotent: it only reinstalls when pyproject.toml changed, and only
 # rebuilds the CPU kernels (src/lmstack/kernels) when their sources or the install changed.
 PY      ?= python3
+# Where torch comes from. Empty (the default): whatever index pip is configured with (PyPI
+# unless pip.conf / PIP_INDEX_URL say otherwise). On Linux x86_64 PyPI's torch is the CUDA
+# build, which pulls ~20 nvidia-*/triton packages (several GB). For the CPU-only build:
+#     make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (To switch an existing .venv to another build, `make clean` first.)
+TORCH_INDEX ?=
+TORCH   := torch==2.13.0
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
@@ -15,8 +22,9 @@ install: $(STAMP) $(KSTAMP)
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(VPY) -m pip install -q torch==2.13.0
+	# torch first, pinned, from TORCH_INDEX when given (see the top of this file); the
+	# package install below then finds it satisfied and keeps it.
+	$(VPY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) )$(TORCH)
 	$(VPY) -m pip install -q -e ".[all,dev]"
 	touch $(STAMP)
 
@@ -35,7 +43,7 @@ kernels:
 # (tests/quant/test_export_llamacpp.py skips without it). It compiles llama.cpp from source
 # (~5 min on 2 cores); torch stays pinned so pip cannot swap the CPU build for another.
 llamacpp: install
-	echo "torch==2.13.0" > $(VENV)/torch-pin.txt
+	echo "$(TORCH)" > $(VENV)/torch-pin.txt
 	$(VPY) -m pip install -c $(VENV)/torch-pin.txt "llama-cpp-python>=0.3"
 
 demo: install

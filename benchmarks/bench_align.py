@@ -5,11 +5,13 @@
     python benchmarks/bench_align.py speed      # GRPO and DPO step time vs TRL (skipped without trl)
     python benchmarks/bench_align.py all [--quick]
 
-The starting model: a Llama-style transformer (4 layers, width 128, RoPE, RMSNorm, SwiGLU) with
-a 512-token BPE, trained as a plain-text LM on tinyworld arithmetic and instruction records
-(the held-out problems excluded), a few minutes on 2 CPU cores. Every method runs through
-`run_align` exactly as `lmstack align` does (format plain), and reports the held-out numbers
-of summary.json.
+The starting models: "base", a Llama-style transformer (4 layers, width 128, RoPE, RMSNorm,
+SwiGLU) with a 512-token BPE, trained 1000 steps as a plain-text LM on tinyworld arithmetic and
+instruction records (held-out problems excluded), ~20 minutes on one CPU thread; "arith", the
+base trained 1000 more steps on arithmetic alone (13% held-out exact match), the start of GRPO
+and PPO, whose rewards need a policy that solves some problems. rm and dpo start from base.
+Every method runs through `run_align` exactly as `lmstack align` does (format plain) and
+reports the held-out numbers of its summary.json.
 
 Speed: the same model exported to Hugging Face format (export_hf) is what TRL trains; the
 same prompts, G, max lengths and batch sizes on both sides; fp32 on the CPU (bf16 on CUDA).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -84,34 +87,61 @@ def base_model(steps: int = 1000, quick: bool = False) -> Path:
     return out
 
 
+def arithmetic_model(base: Path, steps: int = 1000, quick: bool = False) -> Path:
+    """The base trained on for `steps` more steps on tinyworld arithmetic alone (held-out
+    problems excluded): the starting model of GRPO and PPO, which need a policy that solves
+    some problems (13% held-out exact match, pass@8 33%) for rewards to carry a signal."""
+    from lmstack.model import Transformer
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.train import TrainConfig, Trainer
+    out = OUT / ("base2-quick" if quick else "base2")
+    if (out / "model.safetensors").is_file():
+        return out
+    tok = Tokenizer.load(base / "tokenizer.json")
+    ids = []
+    for r in D._task_records(0, 400 if quick else 40000, False, ("arithmetic",), "base2"):
+        ids += tok.encode_ordinary(r["prompt"] + r["response"] + "\n") + [tok.eot_token]
+    cfg = TrainConfig(out=str(out), max_steps=20 if quick else steps, batch_size=32, seq_len=64, lr=2e-3,
+                      warmup_steps=20, eval_every=0, ckpt_every=0, tensorboard=False, device="auto")
+    Trainer(cfg, Transformer.from_pretrained(base, dtype=torch.float32), batches=PackedDocs(ids, 32, 64, seed=1)).fit()
+    tok.save(out / "tokenizer.json")
+    return out
+
+
 # --------------------------------------------------------------------------- effects
 
-EFFECTS = {
-    "dpo": dict(method="dpo", tasks=["arithmetic", "instruction"], n_train=2000, n_eval=400, max_steps=150,
-                batch_size=16, lr=1e-4, beta=0.1, eval_every=25),
-    "grpo": dict(method="grpo", n_train=2000, n_eval=300, max_steps=150, group_size=8, prompts_per_rollout=8,
-                 batch_size=32, grad_accum=2, lr=1e-4, max_completion_len=8, temperature=0.7, eval_every=25),
-    "rm": dict(method="rm", tasks=["arithmetic", "instruction"], n_train=3000, n_eval=400, max_steps=300,
-               batch_size=16, lr=3e-4, eval_every=50),
-    "ppo": dict(method="ppo", n_train=2000, n_eval=200, max_steps=60, prompts_per_rollout=32, batch_size=16,
-                ppo_epochs=2, lr=5e-5, kl_coef=0.05, max_completion_len=8, temperature=0.7, eval_every=20),
+EFFECTS = {    # method -> (starting model: "base" or "arith", settings)
+    "rm": ("base", dict(method="rm", tasks=["arithmetic", "instruction"], n_train=3000, n_eval=400, max_steps=300,
+                        batch_size=16, lr=3e-4, eval_every=50)),
+    "dpo": ("base", dict(method="dpo", tasks=["arithmetic", "instruction"], n_train=2000, n_eval=400,
+                         max_steps=150, batch_size=16, lr=3e-5, beta=0.1, eval_every=25)),
+    "grpo": ("arith", dict(method="grpo", n_train=2000, n_eval=300, max_steps=200, group_size=16,
+                           prompts_per_rollout=8, batch_size=64, grad_accum=2, lr=2e-4, max_completion_len=8,
+                           temperature=1.0, eval_every=50)),
+    "ppo": ("arith", dict(method="ppo", n_train=2000, n_eval=200, max_steps=120, prompts_per_rollout=32,
+                          batch_size=16, ppo_epochs=2, lr=5e-4, kl_coef=0.05, max_completion_len=8, temperature=1.0,
+                          eval_every=40)),
 }
 
 
 def effect(base: Path, which: list[str], quick: bool) -> dict:
+    models = {"base": base, "arith": arithmetic_model(base, quick=quick)}
     results = {}
     for name in which:
-        kw = dict(EFFECTS[name])
+        start, kw = EFFECTS[name]
+        kw = dict(kw)
         if quick:
             kw.update(max_steps=4, n_train=64, n_eval=32, eval_every=2)
             kw.update({k: 4 for k in ("prompts_per_rollout",) if k in kw})
             if name == "grpo":
-                kw.update(batch_size=16, grad_accum=2)
+                kw.update(group_size=4, batch_size=8, grad_accum=2)
         if name == "ppo":
             kw["reward_model"] = str(OUT / "rm")
+        shutil.rmtree(OUT / name, ignore_errors=True)          # a fresh run, not a resume
         t0 = time.perf_counter()
-        s = run_align(AlignConfig(model=str(base), out=str(OUT / name), format="plain", **kw))
-        results[name] = {"before": s["before"], "after": s["after"], "seconds": round(time.perf_counter() - t0, 1)}
+        s = run_align(AlignConfig(model=str(models[start]), out=str(OUT / name), format="plain", **kw))
+        results[name] = {"model": start, "before": s["before"], "after": s["after"],
+                         "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     return results
 
@@ -168,7 +198,9 @@ def _time_ours(t, n: int) -> list[float]:
     return times
 
 
-def grpo_speed(base: Path, hf: Path, rounds: int, quick: bool) -> dict:
+def grpo_speed(base: Path, hf: Path, rounds: int, quick: bool, full_length: bool = False) -> dict:
+    """full_length: EOS ignored on both sides (ours: ignore_eos; TRL: min_new_tokens = L), so
+    every completion is L tokens: the generation-bound regime of long reasoning rollouts."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -176,11 +208,12 @@ def grpo_speed(base: Path, hf: Path, rounds: int, quick: bool) -> dict:
     from lmstack.align import GRPOObjective, GRPOSource
     from lmstack.align.rewards import exact_answer
     from lmstack.align.runner import load_policy
-    P, G, L = (2, 4, 8) if quick else (8, 8, 16)
+    P, G, L = (2, 4, 8) if quick else (8, 8, 40 if full_length else 16)   # prompts + 40 fit the 64-token context
     prompts = D.tinyworld_prompts(seed=0, n=P * (rounds + 2) * 2)
     policy, tok, _ = load_policy(str(base))
     src = GRPOSource(policy, tok, prompts, [exact_answer], group_size=G, prompts_per_rollout=P, batch_size=P * G,
-                     max_completion_len=L, temperature=1.0, fmt="plain", stop_token_ids=[tok.eot_token])
+                     max_completion_len=L, temperature=1.0, fmt="plain", stop_token_ids=[] if full_length else
+                     [tok.eot_token], ignore_eos=full_length)
     ours = _ours_trainer(policy, GRPOObjective("grpo", temperature=1.0), src, OUT / "speed-grpo", P * G, 1e-6)
 
     def reward(completions, answer, **kw):
@@ -190,7 +223,8 @@ def grpo_speed(base: Path, hf: Path, rounds: int, quick: bool) -> dict:
                       max_completion_length=L, learning_rate=1e-6, max_steps=rounds + 1, logging_steps=1,
                       report_to=[], use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
                       save_strategy="no", temperature=1.0, beta=0.0, loss_type="grpo", disable_dropout=True,
-                      shuffle_dataset=False, dataloader_num_workers=0)
+                      shuffle_dataset=False, dataloader_num_workers=0,
+                      generation_kwargs={"min_new_tokens": L} if full_length else None)
     cb = StepTimes()
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(hf), reward_funcs=reward, args=args,
                           train_dataset=Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"]}
@@ -203,7 +237,8 @@ def grpo_speed(base: Path, hf: Path, rounds: int, quick: bool) -> dict:
     trainer.train()
     theirs = cb.times[1:]                            # the first step builds caches: left out on both sides
     m, t = statistics.median(mine), statistics.median(theirs)
-    return {"prompts": P, "G": G, "max_completion_len": L, "ours_step_s": round(m, 4), "trl_step_s": round(t, 4),
+    return {"prompts": P, "G": G, "max_completion_len": L, "full_length": full_length,
+            "ours_step_s": round(m, 4), "trl_step_s": round(t, 4),
             "ratio_ours_over_trl": round(m / t, 3), "ours_generate_share": round(gen_share, 3)}
 
 
@@ -245,7 +280,8 @@ def speed(base: Path, rounds: int, quick: bool) -> dict:
         print("trl is not installed (pip install trl); speed comparison skipped")
         return {}
     hf = _hf_export(base)
-    return {"grpo": grpo_speed(base, hf, rounds, quick), "dpo": dpo_speed(base, hf, rounds, quick)}
+    return {"grpo": grpo_speed(base, hf, rounds, quick), "grpo_full_length": grpo_speed(base, hf, rounds, quick, True),
+            "dpo": dpo_speed(base, hf, rounds, quick)}
 
 
 def main() -> None:

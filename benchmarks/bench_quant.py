@@ -13,10 +13,15 @@ the blocks (the LM head stays float32, as `all-linear` leaves it). Each variant 
 alike. Batch-1 greedy decode rate = (N - 1) / (t(N tokens) - t(1 token)) from one 8-token
 prompt, which removes the prefill; prefix caching is off so both runs prefill alike.
 Reported: the median tokens/s, the median over repetitions of (variant / float32), the stored
-bits per parameter of the quantized linears (codes + scales + zero points / absmax) and of the
-whole model's weights, and the weight bytes read per token times tokens/s (a lower bound on
-the bandwidth achieved: attention, norms and the engine take time too), against this
-machine's measured read bandwidth.
+bits per parameter of the quantized linears (codes + scales + zero points / absmax), the MB of
+the whole state dict, and the weight bytes read per token times tokens/s (a lower bound on the
+bandwidth achieved: attention, norms and the engine take time too), against this machine's
+measured read bandwidth.
+
+--micro: median microseconds of one (M, K) x (K, N) linear: float32 F.linear; the PyTorch path
+(dequantize + F.linear, what every step paid before the kernels); torch's own packed-weight CPU
+kernels (_weight_int8pack_mm with float32 and bfloat16 activations, _weight_int4pack_mm_for_cpu);
+ours (the quantized modules' forward); and the GB/s of weight bytes each of ours reads.
 """
 from __future__ import annotations
 

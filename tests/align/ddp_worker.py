@@ -26,7 +26,7 @@ prompts = [{"prompt": f"Q: what is {a}+{a}?\nA: {a}+{a}=", "answer": str(2 * a)}
 src = GRPOSource(policy, tok, prompts, [lambda p, c, answer, **f: float(c.strip() == answer)], group_size=4,
                  prompts_per_rollout=2, batch_size=4, grad_accum=2, max_completion_len=4, seed=0, rank=rank,
                  world_size=world, stop_token_ids=[tok.eot_token])
-seen = {"prompts": src._prompt_indices(0)}
+seen = {"prompts": src.prompt_indices(0)}
 orig = src._micro
 
 

@@ -14,6 +14,7 @@ def read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_every_command_end_to_end(run_dir, tmp_path, capsys):
     runs = {"rm": [], "dpo": ["--tasks", "arithmetic,instruction"],
             "grpo": ["--group-size", "4", "--prompts-per-rollout", "2", "--rewards", "exact_answer,integer_format",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -24,6 +25,7 @@ def losses(out):
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_dpo_ddp_equals_one_process_on_the_combined_batch(run_dir, tmp_path):
     proc = subprocess.run(TORCHRUN + ["-m", "lmstack.cli.main", "align", "dpo", str(run_dir), "--out",
                                       str(tmp_path / "ddp"), "--batch-size", "4"] + DPO,
@@ -32,11 +34,12 @@ def test_dpo_ddp_equals_one_process_on_the_combined_batch(run_dir, tmp_path):
     assert main(["align", "dpo", str(run_dir), "--out", str(tmp_path / "one"), "--batch-size", "8"] + DPO) == 0
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(a) == 2 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
-    wa, wb = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ddp", "one"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
+@pytest.mark.slow
 def test_grpo_ranks_roll_out_their_own_prompts(run_dir, tmp_path):
     proc = subprocess.run(TORCHRUN + [WORKER, str(tmp_path), str(run_dir)], env=ENV, capture_output=True, text=True,
                           timeout=600)

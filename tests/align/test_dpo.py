@@ -80,3 +80,12 @@ def test_lora_policy_reference_is_the_base(tok, tmp_path):
     b = PairBatches(pairs, 8, extras=ref).next_batch()
     with torch.no_grad():
         assert not torch.allclose(sequence_logps(model, b)[:8], b.extras["ref_chosen"])   # the adapters did
+
+
+def test_rpo_adds_the_chosen_mean_token_nll(tok):
+    model, pairs, ref = setup(tok, n=16)
+    batch = PairBatches(pairs, 8, extras=ref).next_batch()
+    loss, _ = DPOObjective(0.1, rpo_alpha=0.5).loss(model, batch)
+    n_tokens = float(batch.loss_mask[:8].sum())
+    nll = -float(batch.extras["ref_chosen"].sum()) / n_tokens            # policy == reference at step 0
+    assert abs(float(loss) - (math.log(2) + 0.5 * nll)) < 1e-5

@@ -7,7 +7,6 @@ import torch
 from tests.align.conftest import tiny_model
 from tests.align.toy import word_prompts
 from lmstack.align import GRPOObjective, GRPOSource, RewardError, group_advantages, token_logps
-from lmstack.align.rollout import RolloutEngine
 from lmstack.train import TrainConfig, Trainer
 from lmstack.utils import LmstackError
 
@@ -130,3 +129,12 @@ def test_lora_policy_rollouts_follow_the_adapters(tok):
     with torch.no_grad():
         fresh = token_logps(model(b.input_ids)[:, :-1], b.input_ids[:, 1:]) * b.mask
     assert (fresh - b.old_logps).abs().max() < 1e-5
+
+
+def test_completion_logps_equal_the_full_forward(tok):
+    from lmstack.align.grpo import completion_logps
+    model = tiny_model(0)
+    b = source(tok, model).next_batch()
+    with torch.no_grad():
+        full = token_logps(model(b.input_ids)[:, :-1], b.input_ids[:, 1:], 0.7) * b.mask
+        assert (completion_logps(model, b.input_ids, b.mask, 0.7) - full).abs().max() < 1e-6

@@ -53,6 +53,11 @@ def test_lora_on_tinyworld_end_to_end(base, tmp_path, capsys):
     assert summary["before"]["tasks"]["unseen"]["n"] == 2 and "abstain_rate_unseen" in summary["after"]
     assert summary["base_bits_per_param"]["stored"] == 32.0 and summary["adapted_modules"] == 8
     assert (out / "report.html").is_file() and "says &quot;I don" in (out / "report.html").read_text()
+    # only the adapters were trained, checkpointed and given optimizer state
+    from lmstack.train import checkpoint as ckpt
+    weights, state, meta = ckpt.load_checkpoint(out / "checkpoints" / "step_0000003")
+    assert weights and all(".lora_" in k for k in weights) and set(meta["trainable"]) == set(weights)
+    assert summary["trainable_params"] == sum(w.numel() for w in weights.values())
     # the run directory: base + LoRA transform + trained adapters; the PEFT folder holds the same adapters
     trained = Transformer.from_pretrained(out)
     assert [t["kind"] for t in trained.transforms] == ["lora"]
@@ -132,3 +137,32 @@ def test_shipped_finetune_recipes_are_valid(path):
     cfg = from_dict(FinetuneConfig, {**yaml.safe_load(path.read_text()), "model": "runs/tinyworld"})
     assert path.stem.endswith(cfg.method)
     assert cfg.trainer_config().activation_checkpointing == (cfg.method == "qlora")
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_hugging_face_folder_with_its_own_chat_template(base, data, tmp_path, capsys):
+    """A tokenizer without lmstack's chat tokens and a ChatML template in tokenizer_config.json:
+    chats render through the template, the loss covers the answer and <|im_end|> (the template's
+    eos_token, found without --end-token), not the "\\n" glue after it, and the run works."""
+    from lmstack.data.tinyworld import TinyWorldConfig, generate
+    from lmstack.finetune.config import FinetuneConfig
+    from lmstack.finetune.data import TemplateChat, chat_tokenizer, load_sft_data
+    from lmstack.tokenizer import Tokenizer
+    folder = make_hf(base, tmp_path / "chatml")
+    tok = Tokenizer.train(generate(TinyWorldConfig(seed=0, size_mb=0.05)).docs, vocab_size=400,
+                          special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    chat = chat_tokenizer(tok, folder)
+    assert isinstance(chat, TemplateChat)
+    ex = load_sft_data(FinetuneConfig(model=str(folder), data=str(data), val_fraction=0.0), chat, 0).train[0]
+    trained = [i for i, m in zip(ex.ids, ex.loss_mask) if m]
+    first = chats(1)[0]["messages"][1]["content"]          # "CAT"
+    assert trained == tok.encode_ordinary(first) + [tok.special_tokens["<|im_end|>"]]
+    assert tok.decode(ex.ids).endswith(f"<|im_start|>assistant\n{first}<|im_end|>\n")
+    out = tmp_path / "out"
+    assert main(["finetune", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "1", *FAST]) == 0
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML

@@ -1,6 +1,6 @@
 """Instruction tuning on tinyworld: records become chats (hand-checked), probes never leak into
-training, "unseen" probes are about knowledge-base entities absent from the pretraining text
-and from the abstention training, and a short SFT of a random tiny model raises held-out exact
+training, "unseen" probes are about knowledge-base entities absent from the pretraining text,
+the abstention trains on invented names absent from both, and a short SFT of a random tiny model raises held-out exact
 match on a task above both the base and the always-the-most-common-answer baseline."""
 import re
 
@@ -38,7 +38,9 @@ def test_probes_are_held_out_and_unseen_entities_are_unseen(data):
     subject = lambda q: re.search(r"\b[A-Z][a-z]+", q).group(0)  # noqa: E731  the capitalised name
     unseen = {subject(p.prompt) for p in data.probes["unseen"]}
     trained_unseen = {subject(r["messages"][0]["content"]) for r in data.train if r["task"] == "unseen"}
-    assert len(unseen) >= 10 and len(trained_unseen) >= 10 and not unseen & trained_unseen
+    kb = {d["title"] for d in corpus.kb_docs}
+    assert len(unseen) >= 10 and unseen <= kb | {w for d in corpus.kb_docs for w in re.findall(r"[A-Z][a-z]+", d["text"])}
+    assert len(trained_unseen) >= 50 and not unseen & trained_unseen and not kb & trained_unseen
     assert not (unseen | trained_unseen) & words    # never in the pretraining text
     assert all(p.answer == ABSTAIN for p in data.probes["unseen"])
     assert all(r["messages"][1]["content"] == ABSTAIN for r in data.train if r["task"] == "unseen")
@@ -80,7 +82,7 @@ def test_completer_renders_chats_and_scores_the_first_line():
 
 def test_short_sft_raises_held_out_exact_match(tmp_path):
     """Full finetuning of a random 2-layer model for 150 steps on two tasks (about 20 s of one
-    core): word_count goes from 0 to well above the majority answer (measured: 0.45 vs 0.35)."""
+    core): word_count goes from 0 to well above the majority answer (measured: 0.65 vs 0.35)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

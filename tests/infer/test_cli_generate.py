@@ -48,3 +48,48 @@ def test_cli_generate_errors(run_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", str(run_dir), "hi", "--top-p", "2"]) == 1
     assert "top_p" in capsys.readouterr().err
+
+
+STATS = {"spec_method": "ngram", "spec_num_speculative_tokens": 4, "spec_adaptive": False, "spec_backoff": True,
+         "spec_proposed_tokens": 20, "spec_accepted_tokens": 1, "spec_acceptance_rate": 0.05}
+
+
+def test_speculation_report_against_plain_steps():
+    from lmstack.cli.generate import speculation_report
+    # 5 plain steps of 10 ms (100 tok/s); 5 verify steps of 30 ms giving 6 tokens:
+    # (6 + 5) tokens / 0.2 s = 55 tok/s = 0.55x
+    line, warning = speculation_report(STATS, [0.01] * 5, [0.03] * 5, 6)
+    assert line.startswith("speculative ngram (k=4, adaptive lookahead off, back-off on): 1 of 20 drafted tokens "
+                           "accepted (5%), 1.20 tokens per verify step; 0.55x the speed of plain decoding")
+    assert warning.startswith("warning: speculation cost more than it saved")
+    # verify steps of 12 ms giving 15 tokens: (15 + 5) / 0.11 s = 181.8 tok/s = 1.82x, no warning
+    (line,) = speculation_report(STATS, [0.01] * 5, [0.012] * 5, 15)
+    assert "1.82x the speed of plain decoding" in line
+    # no plain step to compare with: 1.2 tokens per verify step is flagged
+    line, warning = speculation_report({**STATS, "spec_backoff": False}, [], [0.03] * 5, 6)
+    assert "back-off off" in line and "add --speculative-backoff true" in warning
+    assert speculation_report(STATS, [], [0.03] * 5, 10) == [speculation_report(STATS, [], [0.03] * 5, 10)[0]]
+
+
+def test_step_meter_accounts_for_every_decoded_token(run_dir):
+    from lmstack.cli.generate import StepMeter
+    llm = LLM(str(run_dir), block_size=8, max_num_seqs=1,
+              speculative={"method": "ngram", "num_speculative_tokens": 4, "backoff": True})
+    engine = llm.engine
+    engine.add_request("the cat sat", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    meter = StepMeter(engine)
+    while engine.has_unfinished_requests():
+        engine.step()
+        meter.after_step()
+    # the first token comes with the prefill; every other one from a plain or a verify step
+    assert meter.spec_tokens + len(meter.plain) == 40 - 1
+    assert len(meter.spec) == engine.speculator.steps
+
+
+def test_cli_generate_reports_speculation(run_dir, capsys):
+    args = ["generate", str(run_dir), "héllo", "--temperature", "0", "--max-tokens", "16", "--ignore-eos", "true",
+            "--speculative", "ngram"]
+    assert main(args) == 0
+    assert "speculative ngram (k=4, adaptive lookahead off, back-off off): " in capsys.readouterr().err
+    assert main(args + ["--speculative-backoff", "true"]) == 0
+    assert "back-off on)" in capsys.readouterr().err

@@ -131,3 +131,26 @@ def test_adaptive_must_be_bool(target):
         LLM(target, speculative={"method": "ngram", "adaptive": "yes"})
     assert LLM(target, speculative={"method": "ngram"}).stats()["spec_adaptive"] is False
     assert LLM(target, speculative={"method": "draft", "model": target}).stats()["spec_adaptive"] is True
+
+
+def test_ngram_backoff_pauses_without_shrinking_its_guesses(target):
+    """`backoff` alone (n-gram's option): after two verify steps with nothing accepted the
+    sequence stops speculating for a while, but each guess it does make keeps k tokens."""
+    prompts = _prompts()[:4]
+    sp = SamplingParams(max_tokens=40, **GREEDY)
+    base = LLM(target, block_size=4, kv_cache_tokens=2048).generate(prompts, sp)
+    stats = {}
+    for backoff in (True, False):
+        llm = LLM(target, block_size=4, kv_cache_tokens=2048,
+                  speculative={"method": "ngram", "num_speculative_tokens": 4, "backoff": backoff})
+        outs = llm.generate(prompts, sp)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in base]
+        stats[backoff] = llm.stats()
+    on, off = stats[True], stats[False]
+    assert on["spec_backoff"] is True and on["spec_adaptive"] is False and off["spec_backoff"] is False
+    assert off["spec_paused_steps"] == 0 and on["spec_paused_steps"] > 0
+    assert on["spec_verify_steps"] < off["spec_verify_steps"]
+    # k stays 4 (only the last tokens of a request get fewer): no adaptive shrinking
+    assert on["spec_proposed_tokens"] >= 4 * on["spec_verify_steps"] - 3 * len(prompts)
+    with pytest.raises(LmstackError, match="backoff"):
+        LLM(target, speculative={"method": "ngram", "backoff": 1})

@@ -32,7 +32,7 @@ def test_artifacts(micro_run, capsys):
     run_dir, _ = micro_run
     for name in ("tokenizer.json", "model.safetensors", "config.json", "metrics.jsonl", "recipe.yaml",
                  "summary.json", "eval.json", "samples.json", "report.html", "figures/loss.png",
-                 "figures/probes.png"):
+                 "figures/training.png", "figures/probes.png"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "figures/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -43,9 +43,9 @@ def test_artifacts(micro_run, capsys):
     assert recipe["vocab_size"] == 300 and recipe["model_config"]["n_embd"] == 32
 
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2       # loss curves + probe bars, embedded
+    assert html.count("data:image/png;base64,") == 3       # loss, lr/grad-norm/throughput, probe bars
     assert "<table" in html and "src='http" not in html     # self-contained
-    for stage in STAGE_NAMES[:-1]:
+    for stage in STAGE_NAMES:                               # the report's own row too
         assert f"<td>{stage}</td>" in html
     samples = json.loads((run_dir / "samples.json").read_text())
     assert samples and samples[0]["prompt"][:20] in html.replace("&#x27;", "'").replace("&quot;", '"')

@@ -22,3 +22,23 @@ def test_tinyworld_recipe_equals_builtin_default():
 def test_recipe_is_valid(path):
     opts = from_dict(RunOptions, yaml.safe_load(path.read_text()))
     check_nested(opts)
+
+
+def test_special_tokens_are_the_tokenizers_defaults():
+    from lmstack.pipeline.options import SPECIAL_TOKENS
+    from lmstack.tokenizer import DEFAULT_SPECIAL_TOKENS
+    assert SPECIAL_TOKENS == DEFAULT_SPECIAL_TOKENS
+
+
+def test_the_data_keys_mean_what_corpus_options_mean():
+    # every data key but the tokenizer's is a CorpusOptions field, passed through unchanged
+    import dataclasses
+
+    from lmstack.data import CorpusOptions
+    from lmstack.pipeline.options import DATA_KEYS, corpus_options_for
+    corpus_keys = set(DATA_KEYS) - {"vocab_size", "tokenizer_pattern"}
+    assert corpus_keys <= {f.name for f in dataclasses.fields(CorpusOptions)}
+    opts = RunOptions(corpus="x.txt", size_mb=3.5, seed=4, dedupe=False, near_threshold=0.8, noise=0.1,
+                      val_frac=0.2, test_frac=0.1, doc_chars=500, field="body", errors="replace")
+    made = corpus_options_for(opts, "out")
+    assert made.out == "out" and all(getattr(made, k) == getattr(opts, k) for k in corpus_keys)

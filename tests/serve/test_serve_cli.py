@@ -47,6 +47,8 @@ def test_serve_command_end_to_end(run_dir, port, tmp_path):
         view = httpx.post(url + "/v1/internal/tokenize", json={"messages": messages},
                           headers={"Authorization": "Bearer sk-cli"}).json()
         assert [t["id"] for t in view["tokens"]] == want
+        info = httpx.get(url + "/v1/internal/model_info", headers={"Authorization": "Bearer sk-cli"}).json()
+        assert info["chat_tuned_reason"] != "the server was given an engine, not a folder"   # it reads run_dir
         assert httpx.get(url + "/").text.startswith("<!doctype html>")
         assert "lmstack_requests_total" in httpx.get(url + "/metrics").text
     finally:

@@ -23,10 +23,12 @@ from lmstack.align.rollout import RewardError, Rollout, RolloutEngine, compute_r
 from lmstack.align.grpo import GRPOObjective, GRPOSource, RolloutBatch
 from lmstack.align.ppo import PolicyAndValue, PPOObjective, PPOSource, value_model_from
 from lmstack.align.rewards import exact_answer, integer_format
+from lmstack.align.config import AlignConfig
+from lmstack.align.runner import run_align
 
 __all__ = ["dpo_loss", "group_advantages", "gae", "bradley_terry_loss", "kl_k3", "policy_loss", "value_loss",
            "token_logps", "AlignDataError", "PairBatch", "PairBatches", "tinyworld_pairs", "tinyworld_prompts",
            "tokenize_pairs", "DPOObjective", "reference_logps", "sequence_logps", "RewardObjective",
            "pairwise_accuracy", "reward_model_from", "score_sequences", "RewardError", "Rollout", "RolloutEngine",
            "compute_rewards", "GRPOObjective", "GRPOSource", "RolloutBatch", "PolicyAndValue", "PPOObjective",
-           "PPOSource", "value_model_from", "exact_answer", "integer_format"]
+           "PPOSource", "value_model_from", "exact_answer", "integer_format", "AlignConfig", "run_align"]

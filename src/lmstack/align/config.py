@@ -36,6 +36,8 @@ class AlignConfig:
     n_eval: int = _h("held-out pairs / prompts", default=200)
     # ---- DPO / reward model
     beta: float | None = _h("dpo: the KL strength beta; grpo: the k3 KL coefficient (0 = no reference)", default=None)
+    rpo_alpha: float = _h("dpo: weight of the chosen responses' NLL added to the loss (RPO; 0 = plain DPO)",
+                          default=0.0)
     loss_type: str | None = _h(f"dpo: {' | '.join(DPO_LOSS_TYPES)}; grpo: {' | '.join(GRPO_LOSS_TYPES)}",
                                default=None)
     # ---- rollouts (grpo, ppo)

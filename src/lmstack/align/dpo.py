@@ -5,6 +5,10 @@ reference log-probabilities were computed once, before training, and cached with
     batches = PairBatches(pairs, batch_size=8, extras=ref)
     Trainer(cfg, model, DPOObjective(beta=0.1), batches, val_batches=held_out).fit()
 
+rpo_alpha > 0 adds alpha * the chosen responses' mean token NLL (RPO, Pang et al. 2024; TRL's
+rpo_alpha), which keeps DPO from lowering the chosen answers' likelihood along with the
+rejected ones'.
+
 The reference is the policy as it starts (the SFT model): computing its log-probs once costs
 one no-grad pass over the data and frees its memory for training, and it works the same for
 LoRA policies (adapters start at B = 0, so the starting policy is the base with adapters off).
@@ -29,11 +33,12 @@ from lmstack.train.objectives import Objective
 from lmstack.utils import LmstackError, autocast
 
 
-def sequence_logps(model, batch: PairBatch) -> Tensor:
-    """Summed log-prob of each row's response tokens: (2B,) [chosen rows, then rejected]."""
+def sequence_logps(model, batch: PairBatch, per_token: bool = False):
+    """Summed log-prob of each row's response tokens: (2B,) [chosen rows, then rejected];
+    with per_token, also the (2B, T-1) token log-probs (zero off the responses)."""
     logits = model(batch.input_ids)                                          # (2B, T, V)
-    lp = token_logps(logits[:, :-1], batch.input_ids[:, 1:])                  # (2B, T-1)
-    return (lp * batch.loss_mask).sum(-1)
+    lp = token_logps(logits[:, :-1], batch.input_ids[:, 1:]) * batch.loss_mask   # (2B, T-1)
+    return (lp.sum(-1), lp) if per_token else lp.sum(-1)
 
 
 @torch.no_grad()
@@ -68,26 +73,31 @@ class DPOObjective(Objective):
     name = "dpo"
     model_mask = "causal"
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid"):
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", rpo_alpha: float = 0.0):
         if loss_type not in DPO_LOSS_TYPES:
             raise LmstackError(f"loss_type={loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
         if not beta > 0:
             raise LmstackError(f"beta={beta!r} must be > 0")
-        self.beta, self.loss_type = beta, loss_type
+        if not rpo_alpha >= 0:
+            raise LmstackError(f"rpo_alpha={rpo_alpha!r} must be >= 0")
+        self.beta, self.loss_type, self.rpo_alpha = beta, loss_type, rpo_alpha
 
     def loss(self, model, batch: PairBatch):
         if "ref_chosen" not in batch.extras:
             raise LmstackError("DPO batches must carry the reference log-probs (PairBatches(extras="
                                "reference_logps(...)))")
-        logps = sequence_logps(model, batch)
+        logps, tok_lp = sequence_logps(model, batch, per_token=True)
         B = batch.index.numel()
         pc, pr = logps[:B], logps[B:]
         losses, cr, rr = dpo_loss(pc, pr, batch.extras["ref_chosen"], batch.extras["ref_rejected"],
                                   self.beta, self.loss_type)
+        loss = losses.mean()
+        if self.rpo_alpha:    # RPO (TRL's rpo_alpha): + alpha * mean NLL of the chosen responses' tokens
+            loss = loss - self.rpo_alpha * tok_lp[:B].sum() / batch.loss_mask[:B].sum().clamp(min=1)
         with torch.no_grad():
             metrics = {"reward_acc": (cr > rr).float().mean(), "margin": (cr - rr).mean(),
                        "logp_chosen": pc.mean(), "logp_rejected": pr.mean(), "logp_acc": (pc > pr).float().mean()}
-        return losses.mean(), metrics
+        return loss, metrics
 
     def tokens(self, batch: PairBatch) -> int:
         return int(batch.lengths.sum())

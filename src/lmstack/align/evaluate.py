@@ -42,12 +42,19 @@ def preference_accuracy(model, pairs, batch_size: int = 32, dtype=torch.float32)
             "logp_chosen": float(c.mean())}
 
 
-def exact_match(engine, records: list[dict], prompt_ids: list[list[int]]) -> dict:
-    """Greedy completions of every prompt; the share whose first line is the record's answer."""
+def exact_match(engine, records: list[dict], prompt_ids: list[list[int]], samples: int = 0) -> dict:
+    """Greedy completions of every prompt; the share whose first line is the record's answer.
+    samples > 0: also "exact_match_sampled", the mean over that many samples per prompt at the
+    engine's (training) temperature, the distribution RL optimizes."""
     groups = engine.sample(prompt_ids, 1, seed=0, greedy=True)
     hits = [exact_answer(r["prompt"], g[0].text, r["answer"]) for r, g in zip(records, groups)]
     lens = [len(g[0].token_ids) for g in groups]
-    return {"exact_match": sum(hits) / max(1, len(hits)), "completion_len": sum(lens) / max(1, len(lens))}
+    out = {"exact_match": sum(hits) / max(1, len(hits)), "completion_len": sum(lens) / max(1, len(lens))}
+    if samples:
+        groups = engine.sample(prompt_ids, samples, seed=4242)
+        hits = [exact_answer(r["prompt"], c.text, r["answer"]) for r, g in zip(records, groups) for c in g]
+        out["exact_match_sampled"] = sum(hits) / max(1, len(hits))
+    return out
 
 
 @torch.no_grad()

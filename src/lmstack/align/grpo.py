@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmstack.align.data import prompt_ids as make_prompt_ids
 from lmstack.align.losses import GRPO_LOSS_TYPES, group_advantages, policy_loss, token_logps
 from lmstack.align.rollout import RolloutEngine, RolloutSource, compute_rewards, response_logps, rollout_tensors
 from lmstack.train.objectives import Objective
@@ -67,7 +66,7 @@ class GRPOSource(RolloutSource):
                  group_size: int = 8, prompts_per_rollout: int = 4, batch_size: int = 8, grad_accum: int = 1,
                  num_iterations: int = 1, max_completion_len: int = 16, temperature: float = 1.0, fmt: str = "plain",
                  ref_model=None, stop_token_ids=None, stop=None, scale_rewards: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, engine_dtype=None):
+                 rank: int = 0, world_size: int = 1, engine_dtype=None, ignore_eos: bool = False):
         super().__init__(batch_size, grad_accum, num_iterations, seed, rank, world_size, shuffle=False)
         if group_size < 2:
             raise LmstackError(f"group_size={group_size}: GRPO compares samples of one prompt, it needs >= 2")
@@ -77,43 +76,20 @@ class GRPOSource(RolloutSource):
         self.reward_weights = list(reward_weights or [1.0] * len(self.reward_fns))
         if len(self.reward_weights) != len(self.reward_fns):
             raise LmstackError(f"{len(self.reward_weights)} reward weights for {len(self.reward_fns)} reward functions")
-        self.group_size, self.per_rollout, self.scale_rewards = group_size, prompts_per_rollout, scale_rewards
+        self.group_size, self.scale_rewards = group_size, scale_rewards
         self.ref_model = ref_model
-        ctx = policy.config.context_length
-        self.records, self.prompt_ids = [], []
-        for i, rec in enumerate(prompts):
-            src = rec.get("source", f"prompt #{i}") if isinstance(rec, dict) else f"prompt #{i}"
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise LmstackError(f"{src}: a prompt record needs a string \"prompt\", got {rec!r:.80}")
-            ids = make_prompt_ids(tokenizer, rec["prompt"], fmt)
-            if not ids or len(ids) + max_completion_len > ctx:
-                raise LmstackError(f"{src}: the prompt has {len(ids)} tokens; with max_completion_len="
-                                   f"{max_completion_len} it must fit the model's context of {ctx} tokens")
-            self.records.append(dict(rec, source=src))
-            self.prompt_ids.append(ids)
-        if len(self.records) < prompts_per_rollout * world_size:
-            raise LmstackError(f"{len(self.records)} prompts are fewer than prompts_per_rollout={prompts_per_rollout} "
-                               f"x {world_size} rank(s)")
+        self.load_prompts(tokenizer, prompts, fmt, max_completion_len, policy.config.context_length,
+                          prompts_per_rollout)
         self.check_layout(prompts_per_rollout * group_size)
         self.engine = RolloutEngine(policy, tokenizer, max_completion_len=max_completion_len, temperature=temperature,
-                                    stop_token_ids=stop_token_ids, stop=stop, dtype=engine_dtype,
+                                    stop_token_ids=stop_token_ids, stop=stop, dtype=engine_dtype, ignore_eos=ignore_eos,
                                     max_num_seqs=max(64, prompts_per_rollout * group_size),
                                     max_prompt_len=max(len(p) for p in self.prompt_ids))
         self.max_completion_len, self.temperature = max_completion_len, temperature
 
-    def _prompt_indices(self, index: int) -> list[int]:
-        """This rank's prompts of rollout `index`: consecutive slices of seeded epochs of the records."""
-        n, per = len(self.records), self.per_rollout * self.world_size
-        per_epoch = n // per
-        epoch, k = divmod(index, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        start = k * per + self.rank * self.per_rollout
-        return order[start:start + self.per_rollout].tolist()
-
     def _rollout(self, index: int) -> dict:
-        idx = self._prompt_indices(index)
-        seed = (self.seed * 1_000_003 + index) * max(1, self.world_size) + self.rank
-        groups = self.engine.sample([self.prompt_ids[i] for i in idx], self.group_size, seed)
+        idx = self.prompt_indices(index)
+        groups = self.engine.sample([self.prompt_ids[i] for i in idx], self.group_size, self.sample_seed(index))
         rollouts = [r for g in groups for r in g]
         records = [self.records[i] for i in idx for _ in range(self.group_size)]
         rewards, per_fn = compute_rewards(self.reward_fns, self.reward_weights, records, [r.text for r in rollouts])
@@ -123,7 +99,8 @@ class GRPOSource(RolloutSource):
         if self.ref_model is not None:
             buf["ref_logps"] = response_logps(self.ref_model, buf["input_ids"], buf["mask"], self.temperature)
         g = rewards.view(-1, self.group_size)
-        buf["stats"] = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        buf["stats"] = {"reward": float(rewards.mean()),
+                        "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                         "frac_zero_std": float((g.std(dim=1) < 1e-6).float().mean()),
                         "completion_len": float(buf["mask"].sum(1).mean()), **per_fn}
         return buf
@@ -134,6 +111,17 @@ class GRPOSource(RolloutSource):
         return RolloutBatch(rows["input_ids"], rows["mask"], rows["old_logps"], rows["advantages"],
                             rows.get("ref_logps"), None, None,
                             step_tokens(step_rows["mask"], self.grad_accum, self.world_size), stats)
+
+
+def completion_logps(model, ids: Tensor, mask: Tensor, temperature: float) -> Tensor:
+    """log p(target) under softmax(logits / T) at the completion positions only, (B, T-1), zero
+    elsewhere. The LM head and softmax run on those positions alone (logits_indices): a prompt's
+    positions cost no vocabulary-sized work (TRL's logits_to_keep, per token)."""
+    B, T = ids.shape
+    b, t = mask.nonzero(as_tuple=True)                                    # (N,) completion targets
+    logits = model(ids, logits_indices=b * T + t)                          # (N, V)
+    lp = token_logps(logits, ids[b, t + 1], temperature)                    # (N,)
+    return torch.zeros_like(mask, dtype=lp.dtype).index_put((b, t), lp)
 
 
 class GRPOObjective(Objective):
@@ -154,8 +142,7 @@ class GRPOObjective(Objective):
         self.temperature, self.max_completion_len = temperature, max_completion_len
 
     def loss(self, model, batch: RolloutBatch):
-        logits = model(batch.input_ids)
-        logps = token_logps(logits[:, :-1], batch.input_ids[:, 1:], self.temperature) * batch.mask
+        logps = completion_logps(model, batch.input_ids, batch.mask, self.temperature)
         loss, st = policy_loss(logps, batch.old_logps, batch.advantages, batch.mask, self.epsilon, self.loss_type,
                                self.max_completion_len, batch.ref_logps, self.beta, batch.n_tokens)
         return loss, {**batch.stats, **st}

@@ -21,7 +21,8 @@ GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta: float = 0.1, loss_type: str = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:
+             ref_rejected_logps: Tensor, beta: float = 0.1,
+             loss_type: str = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:
     """DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023) per example. Inputs (B,): summed
     log-probabilities of each response under the policy and the frozen reference.
 

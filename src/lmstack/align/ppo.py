@@ -23,11 +23,10 @@ import copy
 import torch
 from torch import nn
 
-from lmstack.align.data import prompt_ids as make_prompt_ids
 from lmstack.align.grpo import RolloutBatch, step_tokens, trim
 from lmstack.align.losses import gae, masked_mean, policy_loss, token_logps, value_loss, whiten
 from lmstack.align.reward_model import reward_model_from, score_sequences
-from lmstack.align.rollout import RolloutEngine, RolloutSource, response_logps
+from lmstack.align.rollout import RolloutEngine, RolloutSource, response_logps, rollout_tensors
 from lmstack.model.heads import has_score_head
 from lmstack.train.objectives import Objective
 from lmstack.utils import LmstackError
@@ -70,40 +69,18 @@ class PPOSource(RolloutSource):
         self.model, self.reward_model, self.ref_model = model, reward_model.requires_grad_(False).eval(), ref_model
         self.kl_coef, self.gamma, self.lam, self.whiten = kl_coef, gamma, lam, whiten_advantages
         ctx = min(model.policy.config.context_length, reward_model.config.context_length)
-        self.records, self.prompt_ids = [], []
-        for i, rec in enumerate(prompts):
-            src = rec.get("source", f"prompt #{i}") if isinstance(rec, dict) else f"prompt #{i}"
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise LmstackError(f"{src}: a prompt record needs a string \"prompt\", got {rec!r:.80}")
-            ids = make_prompt_ids(tokenizer, rec["prompt"], fmt)
-            if not ids or len(ids) + max_completion_len > ctx:
-                raise LmstackError(f"{src}: the prompt has {len(ids)} tokens; with max_completion_len="
-                                   f"{max_completion_len} it must fit the context of {ctx} tokens")
-            self.records.append(dict(rec, source=src))
-            self.prompt_ids.append(ids)
-        if len(self.records) < prompts_per_rollout * world_size:
-            raise LmstackError(f"{len(self.records)} prompts are fewer than prompts_per_rollout={prompts_per_rollout} "
-                               f"x {world_size} rank(s)")
-        self.per_rollout, self.temperature = prompts_per_rollout, temperature
+        self.load_prompts(tokenizer, prompts, fmt, max_completion_len, ctx, prompts_per_rollout)
+        self.temperature = temperature
         self.check_layout(prompts_per_rollout)
         self.engine = RolloutEngine(model.policy, tokenizer, max_completion_len=max_completion_len,
                                     temperature=temperature, stop_token_ids=stop_token_ids, stop=stop,
                                     dtype=engine_dtype, max_num_seqs=max(64, prompts_per_rollout),
                                     max_prompt_len=max(len(p) for p in self.prompt_ids))
 
-    def _prompt_indices(self, index: int) -> list[int]:
-        n, per = len(self.records), self.per_rollout * self.world_size
-        epoch, k = divmod(index, n // per)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        start = k * per + self.rank * self.per_rollout
-        return order[start:start + self.per_rollout].tolist()
-
     @torch.no_grad()
     def _rollout(self, index: int) -> dict:
-        from lmstack.align.rollout import rollout_tensors
-        idx = self._prompt_indices(index)
-        seed = (self.seed * 1_000_003 + index) * max(1, self.world_size) + self.rank
-        rollouts = [g[0] for g in self.engine.sample([self.prompt_ids[i] for i in idx], 1, seed)]
+        idx = self.prompt_indices(index)
+        rollouts = [g[0] for g in self.engine.sample([self.prompt_ids[i] for i in idx], 1, self.sample_seed(index))]
         buf = rollout_tensors(rollouts)
         ids, mask, old = buf["input_ids"], buf["mask"], buf["old_logps"]
         ref = response_logps(self.ref_model, ids, mask, self.temperature)

@@ -49,13 +49,14 @@ class RolloutEngine:
 
     def __init__(self, policy, tokenizer, *, max_completion_len: int, temperature: float = 1.0,
                  stop_token_ids: list[int] | None = None, stop: list[str] | None = None, max_num_seqs: int = 64,
-                 max_prompt_len: int | None = None, dtype: torch.dtype | None = None):
+                 max_prompt_len: int | None = None, dtype: torch.dtype | None = None, ignore_eos: bool = False):
         if not temperature > 0:
             raise LmstackError(f"temperature={temperature!r}: rollouts sample, so it must be > 0")
         self.policy, self.tokenizer = policy, tokenizer
         self.max_completion_len, self.temperature = max_completion_len, temperature
         self.stop_token_ids, self.stop = list(stop_token_ids or []), list(stop or [])
         self.max_num_seqs, self.max_prompt_len, self.dtype = max_num_seqs, max_prompt_len, dtype
+        self.ignore_eos = ignore_eos      # sample past EOS (no masking: the recorded log-probs stay exact)
         self.llm = None
         self.generate_s = 0.0          # wall time spent sampling (the benchmark reports its share)
 
@@ -83,7 +84,7 @@ class RolloutEngine:
         from lmstack.infer import SamplingParams
         return SamplingParams(n=n, temperature=0.0 if greedy else self.temperature, seed=seed,
                               max_tokens=max_tokens or self.max_completion_len, stop_token_ids=self.stop_token_ids,
-                              stop=self.stop or None, logprobs=None if greedy else 0,
+                              stop=self.stop or None, logprobs=None if greedy else 0, ignore_eos=self.ignore_eos,
                               logprobs_mode="processed_logprobs")
 
     def sample(self, prompts: list[list[int]], n: int, seed: int, greedy: bool = False,
@@ -186,6 +187,39 @@ class RolloutSource:
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         self.rollouts_done, self.served = 0, 0
         self.buffer: dict | None = None
+
+    def load_prompts(self, tokenizer, prompts: list[dict], fmt: str, max_completion_len: int, ctx: int,
+                     per_rollout: int) -> None:
+        """Check and tokenize the prompt records ({"prompt", ...fields}) into self.records and
+        self.prompt_ids; every prompt must leave room for max_completion_len in the context."""
+        from lmstack.align.data import prompt_ids
+        self.records, self.prompt_ids, self.per_rollout = [], [], per_rollout
+        for i, rec in enumerate(prompts):
+            src = rec.get("source", f"prompt #{i}") if isinstance(rec, dict) else f"prompt #{i}"
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise LmstackError(f"{src}: a prompt record needs a string \"prompt\", got {rec!r:.80}")
+            ids = prompt_ids(tokenizer, rec["prompt"], fmt)
+            if not ids or len(ids) + max_completion_len > ctx:
+                raise LmstackError(f"{src}: the prompt has {len(ids)} tokens; with max_completion_len="
+                                   f"{max_completion_len} it must fit the model's context of {ctx} tokens")
+            self.records.append(dict(rec, source=src))
+            self.prompt_ids.append(ids)
+        if len(self.records) < per_rollout * self.world_size:
+            raise LmstackError(f"{len(self.records)} prompts are fewer than prompts_per_rollout={per_rollout} x "
+                               f"{self.world_size} rank(s)")
+
+    def prompt_indices(self, index: int) -> list[int]:
+        """This rank's prompts of rollout `index`: consecutive slices of seeded epochs of the
+        records; the W ranks of one rollout take disjoint slices."""
+        n, per = len(self.records), self.per_rollout * self.world_size
+        epoch, k = divmod(index, n // per)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        start = k * per + self.rank * self.per_rollout
+        return order[start:start + self.per_rollout].tolist()
+
+    def sample_seed(self, index: int) -> int:
+        """The engine seed of rollout `index` on this rank (distinct per rank and rollout)."""
+        return (self.seed * 1_000_003 + index) * max(1, self.world_size) + self.rank
 
     def check_layout(self, n: int) -> None:
         """A rollout batch of n rows must split into whole optimizer steps."""

@@ -128,7 +128,7 @@ class _Run:
         pairs, held = self._pairs()
         ref = reference_logps(self.policy, pairs, 32, self.device, self.dtype)      # once, then cached
         ref_held = reference_logps(self.policy, held, 32, self.device, self.dtype)
-        self.model, self.objective = self.policy, DPOObjective(self.cfg.beta, self.cfg.loss_type)
+        self.model, self.objective = self.policy, DPOObjective(self.cfg.beta, self.cfg.loss_type, self.cfg.rpo_alpha)
         self._pair_sources(pairs, held, ref, ref_held)
         self.measure = lambda: preference_accuracy(self.policy, held, dtype=self.dtype)
         self._sample_engine()
@@ -175,7 +175,7 @@ class _Run:
                                   **self._rollout_kw())
         self.model, self.engine = self.policy, self.batches.engine
         self.objective = GRPOObjective(c.loss_type, c.epsilon, c.beta, c.temperature, c.max_completion_len)
-        self.measure = lambda: exact_match(self.engine, held, held_ids)
+        self.measure = lambda: exact_match(self.engine, held, held_ids, samples=4)
         self.on_sample = lambda model, step: self.measure()
 
     def build_ppo(self):

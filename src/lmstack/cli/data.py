@@ -1,10 +1,14 @@
 """`lmstack data`: build a data directory (corpus -> docs/tasks/eval/kb -> tokenizer -> shards) and
 show its statistics.
 
-    lmstack data build --corpus tinyworld --out data/tw --size-mb 2 --seed 0 --dedupe
-    lmstack data build --corpus shakespeare --out data/shk --vocab-size 2048
-    lmstack data build --corpus my_texts/ --out data/mine --errors replace
-    lmstack data stats data/tw
+    lmstack data build --out runs/data/tw                            # the default recipe's data
+    lmstack data build --recipe recipes/shakespeare.yaml --out runs/data/shk
+    lmstack data build --corpus my_texts/ --out runs/data/mine --errors replace
+    lmstack data stats runs/data/tw
+
+The data keys of a recipe (corpus, size_mb, seed, dedupe, vocab_size, ...: see `lmstack run
+--help`) with the default recipe's defaults, so `data build` makes the data directory that
+`lmstack run` and `lmstack train` make from the same recipe (plus the test split's shards).
 """
 from __future__ import annotations
 
@@ -13,31 +17,37 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lmstack.cli.options import Parser, add_options, build_options
-from lmstack.data.build import SPLITS, CorpusOptions, build_corpus, read_jsonl
+from lmstack.cli.options import Parser, add_options, build_options, from_dict, given
+from lmstack.data.build import SPLITS, read_jsonl
+from lmstack.pipeline.options import DATA_KEYS, RunOptions
 from lmstack.utils.errors import LmstackError
 
 
 @dataclasses.dataclass
-class DataBuildOptions(CorpusOptions):
-    """CorpusOptions plus the tokenizer step that `lmstack data build` runs after the corpus."""
-    vocab_size: int = dataclasses.field(default=4096, metadata={"help": "BPE vocabulary size to train"})
+class DataBuildOptions:
+    """What `data build` takes besides the recipe's data keys."""
+    out: str = dataclasses.field(default="", metadata={"help": "the data directory DIR to write (required)"})
     tokenizer: str | None = dataclasses.field(default=None, metadata={
         "help": "use this tokenizer.json instead of training one"})
 
 
 def _build(args: argparse.Namespace) -> int:
-    from lmstack.data.shards import tokenize_corpus  # noqa: PLC0415  (imports the tokenizer)
+    from lmstack.cli.recipe import read_recipe
+    from lmstack.pipeline.data import build_data_dir
+    from lmstack.pipeline.options import check_vocab
 
-    opts = build_options(DataBuildOptions, args)
-    # fail before any work: a missing tokenizer file or an impossible vocabulary size
+    recipe = read_recipe(args.recipe, "data build")
+    data_keys = {k: recipe.pop(k) for k in DATA_KEYS if k in recipe}
+    opts = build_options(DataBuildOptions, args, recipe=recipe)
+    data = from_dict(RunOptions, {**data_keys, **given(args, DATA_KEYS)})
+    # fail before any work: no --out, a missing tokenizer file or an impossible vocabulary size
+    if not opts.out:
+        raise LmstackError("out is required: pass --out DIR (the data directory to write)")
     if opts.tokenizer is not None and not Path(opts.tokenizer).is_file():
         raise LmstackError(f"tokenizer {opts.tokenizer} not found; pass a tokenizer.json or omit --tokenizer")
-    if opts.tokenizer is None and opts.vocab_size < 261:
-        raise LmstackError(f"--vocab-size {opts.vocab_size} is too small: at least 256 bytes + 5 special tokens = 261")
-    corpus = CorpusOptions(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(CorpusOptions)})
-    meta = build_corpus(corpus)
-    shards = tokenize_corpus(opts.out, vocab_size=opts.vocab_size, tokenizer=opts.tokenizer)
+    if opts.tokenizer is None:
+        check_vocab(data)
+    meta, shards = build_data_dir(data, opts.out, splits=SPLITS, tokenizer=opts.tokenizer, log=lambda m: None)
     d = meta["documents"]
     print(f"built {opts.out}: {d['kept']} documents ({d['removed']} duplicates removed), "
           + ", ".join(f"{s} {shards['splits'][s]['tokens']} tokens" for s in SPLITS)
@@ -87,6 +97,7 @@ def register(subparsers) -> None:
     b = sub.add_parser("build", help="corpus -> docs/tasks/eval/kb -> tokenizer -> token shards",
                        description="Build a data directory DIR (see lmstack.data.build for the layout).")
     add_options(b, DataBuildOptions)
+    add_options(b, RunOptions, recipe=False, only=DATA_KEYS)
     b.set_defaults(func=_build)
     s = sub.add_parser("stats", help="documents, tokens, duplicates, splits and a sample of each task")
     s.add_argument("dir", metavar="DIR", help="a data directory made by `lmstack data build`")

@@ -114,21 +114,32 @@ def _help(f: dataclasses.Field) -> str:
     return h
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, recipe: bool = True) -> None:
-    """Add one `--flag` per dataclass field (and `--recipe FILE`)."""
+def add_options(parser: argparse.ArgumentParser, cls: type, recipe: bool = True,
+                only: typing.Iterable[str] | None = None, defaults: dict[str, Any] | None = None) -> None:
+    """Add one `--flag` per dataclass field (and `--recipe FILE`). `only`: just these fields;
+    `defaults`: the defaults the command really uses where they are not the dataclass's
+    (shown in --help; pass the same dict as `base` to build_options)."""
     if recipe:
         parser.add_argument("--recipe", default=None, metavar="FILE",
                             help="YAML recipe; flags given on the command line override its keys")
     hints = typing.get_type_hints(cls)
+    keep = None if only is None else set(only)
     for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
+        if f.metadata.get("cli") is False or (keep is not None and f.name not in keep):
             continue
         flag = "--" + f.name.replace("_", "-")
         base = _base_type(hints[f.name])
         metavar = base.__name__.upper() if isinstance(base, type) else "VALUE"
         # A boolean flag may be given bare: `--resume` means `--resume true`.
         extra = {"nargs": "?", "const": "true"} if base is bool else {}
-        parser.add_argument(flag, dest=f.name, default=_UNSET, metavar=metavar, help=_help(f), **extra)
+        help_text = _help(f) if not defaults or f.name not in defaults else \
+            f"{f.metadata.get('help', '')} (default: {defaults[f.name]})".strip()
+        parser.add_argument(flag, dest=f.name, default=_UNSET, metavar=metavar, help=help_text, **extra)
+
+
+def given(args: argparse.Namespace, names: typing.Iterable[str]) -> dict[str, Any]:
+    """The flags among `names` given on the command line (name -> raw value)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, _UNSET) is not _UNSET}
 
 
 def valid_keys(cls: type) -> list[str]:
@@ -168,10 +179,14 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
-def build_options(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None):
-    """Defaults < `base` < recipe file < flags given on the command line."""
+def build_options(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None,
+                  recipe: dict[str, Any] | None = None):
+    """Defaults < `base` < recipe < flags given on the command line. The recipe is the file
+    --recipe names, unless the caller passes the mapping it has read already."""
     data: dict[str, Any] = dict(base or {})
-    data.update({k.replace("-", "_"): v for k, v in load_recipe(getattr(args, "recipe", None)).items()})
+    if recipe is None:
+        recipe = load_recipe(getattr(args, "recipe", None))
+    data.update({k.replace("-", "_"): v for k, v in recipe.items()})
     for f in dataclasses.fields(cls):
         v = getattr(args, f.name, _UNSET)
         if v is not _UNSET:

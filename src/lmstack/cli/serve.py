@@ -127,6 +127,7 @@ def handler(args) -> int:
                          max_body_bytes=opts.max_body_bytes, served_model_name=served_name,
                          max_attention_tokens=opts.max_attention_tokens,
                          max_tokenize_tokens=opts.max_tokenize_tokens, chat_template=template)
+        app.state.model_path = model_dir     # the dashboard reads the folder (is the model chat-tuned?)
     except (ValueError, OSError) as e:
         raise LmstackError(str(e)) from None
     print(f"lmstack serve: http://{opts.host}:{opts.port}/ (dashboard), API at /v1, spec at /openapi.json",

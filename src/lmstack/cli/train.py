@@ -1,60 +1,69 @@
 """`lmstack train`: pretrain a model from a recipe and flags.
 
-    lmstack train --recipe recipes/tiny.yaml --out runs/tiny
-    lmstack train --out runs/tiny --max-steps 200 --lr 3e-4 --batch-size 8
+    lmstack train --recipe recipes/tinyworld.yaml --out runs/tw     # the main job's data and model
+    lmstack train --out runs/tiny --max-steps 200 --lr 3e-3 --batch-size 8
     lmstack train --out runs/tiny --resume                 # continue after a crash or kill
+    lmstack train --data runs/tinyworld/data --out runs/t2 # train on a data dir built before
     torchrun --nproc-per-node 2 -m lmstack.cli.main train --data DIR --out runs/ddp
     torchrun --nproc-per-node 4 -m lmstack.cli.main train --distributed tp+dp --tp-size 2 ...
     (--distributed ddp | zero1 | zero2 | zero3 | fsdp | tp | pp | tp+dp; pp: --pp-schedule, --grad-accum)
 
-Every TrainConfig field is a recipe key and a --flag-with-dashes. Without --data, the
-default corpus is built into OUT/data first (tinyworld, 2 MB, a 2048-token BPE tokenizer,
-token shards); an existing OUT/data is reused.
+Every TrainConfig field is a recipe key and a --flag-with-dashes. The defaults are those of
+the default recipe (recipes/tinyworld.yaml), shown below. Without --data, the recipe's data
+keys (corpus, size_mb, vocab_size, dedupe, ...) build OUT/data first: the data directory
+`lmstack run` builds from the same recipe. An OUT/data built from the same keys is reused.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
-from lmstack.cli.options import add_options, build_options
+from lmstack.cli.options import add_options, build_options, from_dict, given
+from lmstack.pipeline.options import DATA_KEYS, RunOptions, train_config_for
 from lmstack.train import TrainConfig, Trainer
 
-DEFAULT_CORPUS = dict(corpus="tinyworld", size_mb=2.0, seed=0, dedupe=True)
-DEFAULT_VOCAB = 2048
+# The data keys get flags of their own; seed is TrainConfig's (the corpus and the init share it).
+DATA_FLAGS = tuple(k for k in DATA_KEYS if k != "seed")
+
+
+def defaults() -> dict:
+    """TrainConfig values of the default recipe (the CLI's defaults; TrainConfig's own are the library's)."""
+    return dataclasses.asdict(train_config_for(RunOptions()))
 
 
 def register(subparsers) -> None:
     doc = __doc__.split("\n\n")
     p = subparsers.add_parser("train", help=doc[0].split(": ", 1)[-1], description="\n\n".join(doc[:3]),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, TrainConfig)
+    add_options(p, TrainConfig, defaults=defaults())
+    add_options(p, RunOptions, recipe=False, only=DATA_FLAGS)
     p.set_defaults(func=run)
 
 
-def build_default_data(data_dir: Path) -> Path:
-    """tinyworld -> tokenizer.json -> shards in `data_dir`, unless already there."""
-    if (data_dir / "shards" / "meta.json").is_file() and (data_dir / "tokenizer.json").is_file():
-        return data_dir
-    from lmstack.data import CorpusOptions, build_corpus, iter_texts, write_shards
-    from lmstack.tokenizer import Tokenizer
-    print(f"building the default corpus in {data_dir} (tinyworld, {DEFAULT_CORPUS['size_mb']} MB) ...")
-    build_corpus(CorpusOptions(out=str(data_dir), **DEFAULT_CORPUS))
-    tok = Tokenizer.train(list(iter_texts(data_dir, "train")), vocab_size=DEFAULT_VOCAB)
-    tok.save(data_dir / "tokenizer.json")
-    write_shards(data_dir, tok, splits=("train", "val"))
-    return data_dir
-
-
 def run(args: argparse.Namespace) -> int:
+    from lmstack.cli.recipe import read_recipe
+    from lmstack.pipeline.data import ensure_data_dir
+    from lmstack.pipeline.options import check_vocab
     from lmstack.train.build import preflight
     from lmstack.train.parallel import check_launch
-    cfg = build_options(TrainConfig, args)
+
+    recipe = read_recipe(args.recipe, "train")
+    data_keys = {k: recipe.pop(k) for k in DATA_FLAGS if k in recipe}
+    cfg = build_options(TrainConfig, args, base=defaults(), recipe=recipe)
     preflight(cfg)              # a bad preset or --seq-len fails before the default corpus is built
     check_launch(cfg, int(os.environ.get("WORLD_SIZE", 0)))   # so does a mode the launch cannot hold
+    flags = given(args, DATA_FLAGS)
     if cfg.data is None:
-        cfg.data = str(build_default_data(Path(cfg.out) / "data"))
+        data = from_dict(RunOptions, {**data_keys, **flags, "seed": cfg.seed})
+        check_vocab(data)
+        cfg.data = str(ensure_data_dir(data, Path(cfg.out) / "data"))
+    elif flags:
+        ignored = ", ".join("--" + k.replace("_", "-") for k in flags)
+        print(f"note: --data {cfg.data} is used as it is; ignoring {ignored}", file=sys.stderr)
     result = Trainer(cfg).fit()
     print(json.dumps({k: v for k, v in result.items() if v is not None}, indent=2))
     return 0

@@ -55,6 +55,9 @@ class CorpusOptions:
     test_frac: float = dataclasses.field(default=0.05, metadata={"help": "share of bytes for the test split"})
     near_threshold: float = dataclasses.field(default=0.7, metadata={
         "help": "Jaccard similarity of word 3-grams that counts as a near duplicate"})
+    doc_chars: int = dataclasses.field(default=2000, metadata={
+        "help": "plain-text files: cut into documents of at most this many characters, at blank lines (else "
+                "line ends, else spaces); 0 = one document per file"})
     field: str = dataclasses.field(default="text", metadata={"help": "JSONL / HF dataset field holding the text"})
     errors: str = dataclasses.field(default="strict", metadata={
         "help": "non-UTF-8 input: strict (error naming file and offset) | replace | ignore"})
@@ -69,6 +72,8 @@ class CorpusOptions:
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ValueError(f"val_frac={self.val_frac} and test_frac={self.test_frac} must be in [0, 1) "
                              f"and sum to less than 1")
+        if self.doc_chars < 0:
+            raise ValueError(f"doc_chars must be >= 0 (0 = one document per file), got {self.doc_chars}")
         if not 0 < self.near_threshold <= 1:
             raise ValueError(f"near_threshold must be in (0, 1], got {self.near_threshold}")
         if self.errors not in ("strict", "replace", "ignore"):
@@ -143,7 +148,7 @@ def _load(opts: CorpusOptions) -> tuple[list[str], list[dict | None], dict]:
     elif name.startswith("hf:"):
         docs = corpora.hf_dataset_texts(name[3:], field=opts.field)
     else:
-        docs = corpora.load_path(name, field=opts.field, errors=opts.errors)
+        docs = corpora.load_path(name, field=opts.field, errors=opts.errors, doc_chars=opts.doc_chars)
     if opts.size_mb is not None:            # keep whole documents up to the byte cap
         kept, total = [], 0
         for d in docs:

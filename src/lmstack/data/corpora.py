@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -155,14 +156,51 @@ def iter_jsonl_field(path: str | os.PathLike, field: str = "text", errors: str =
         yield value
 
 
-def load_path(path: str | os.PathLike, field: str = "text", errors: str = "strict") -> list[str]:
-    """Documents from a file or folder: .jsonl files give `field` per line, others one doc per file."""
+def split_documents(text: str, max_chars: int) -> list[str]:
+    """Cut one plain text into documents of at most `max_chars` characters (0 = no cut).
+
+    A document is a run of whole paragraphs (blocks between blank lines), packed in order
+    until the next would not fit. A paragraph longer than `max_chars` (text without blank
+    lines, e.g. one line per sentence or a single long line) is cut into pieces at the last
+    line end before the limit, else the last space, else exactly at the limit. Splitting a
+    book this way gives the train/val split and deduplication units to work with: one file
+    is one document otherwise, and a single document cannot be split into train and val.
+    """
+    if max_chars <= 0 or len(text) <= max_chars:
+        return [text]
+    pieces: list[str] = []
+    for para in re.split(r"\n[ \t]*\n", text):
+        while len(para) > max_chars:
+            cut = para.rfind("\n", 0, max_chars + 1)
+            if cut <= 0:
+                cut = para.rfind(" ", 0, max_chars + 1)
+            if cut <= 0:
+                cut = max_chars
+            pieces.append(para[:cut])
+            para = para[cut:].lstrip("\n ")
+        pieces.append(para)
+    docs: list[str] = []
+    current = ""
+    for piece in (p for p in pieces if p.strip()):
+        if current and len(current) + 2 + len(piece) > max_chars:
+            docs.append(current)
+            current = ""
+        current = f"{current}\n\n{piece}" if current else piece
+    if current:
+        docs.append(current)
+    return docs
+
+
+def load_path(path: str | os.PathLike, field: str = "text", errors: str = "strict",
+              doc_chars: int = 0) -> list[str]:
+    """Documents from a file or folder: .jsonl files give `field` per line; other files give one
+    document each, or pieces of at most `doc_chars` characters (see `split_documents`)."""
     docs: list[str] = []
     for f in _files_under(Path(path)):
         if f.suffix.lower() == ".jsonl":
             docs.extend(iter_jsonl_field(f, field, errors))
         else:
-            docs.append(decode_utf8(f.read_bytes(), str(f), errors))
+            docs.extend(split_documents(decode_utf8(f.read_bytes(), str(f), errors), doc_chars))
     return docs
 
 

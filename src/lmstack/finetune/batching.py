@@ -1,8 +1,8 @@
 """SFT batches: tokenized chats laid out in rows, by padding or by packing, as tensors.
 
-    rows = pack_rows(lengths, seq_len)          # [[0, 3], [1], [2, 4, 5]]: example indices per row
-    batch = collate([examples[i] for i in row] for row in rows[:8]), loss_scale=1 / n_tokens)
-    loss = sum over trained tokens of -log p(target) * batch.loss_scale
+    rows = pack_rows([len(ex) - 1 for ex in examples], seq_len)   # [[0, 1], [2], [3, 4, 5]]: indices per row
+    batch = collate([[examples[i] for i in row] for row in rows[:8]], loss_scale=1 / n, packed=True)
+    loss = (sum over trained positions of -log p(target)) * batch.loss_scale
 
 An example (lmstack.data.SFTExample) of n ids trains as x = ids[:-1], y = labels[1:]: n - 1
 positions, with IGNORE_INDEX where the loss mask is 0 (prompt, headers, glue).
@@ -66,11 +66,6 @@ class SFTBatch:
 def trained_positions(ex: SFTExample) -> int:
     """Positions of `ex` that carry a loss (its labels[1:] that are not IGNORE_INDEX)."""
     return sum(ex.loss_mask[1:])
-
-
-def pad_rows(n_examples: int) -> list[list[int]]:
-    """One example per row."""
-    return [[i] for i in range(n_examples)]
 
 
 def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:

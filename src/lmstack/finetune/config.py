@@ -66,7 +66,8 @@ class FinetuneConfig(TrainConfig):
                        "one example per row", default=True)
     train_on: str = _h(f"assistant turns that carry the loss: {' | '.join(TRAIN_ON)}", default="all")
     truncate: bool = _h("cut examples longer than seq_len+1 tokens instead of refusing them", default=False)
-    end_token: str = _h("the special token that ends a chat turn", default="<|end|>")
+    end_token: str | None = _h("the special token that ends a chat turn (default: <|end|> for lmstack's chat "
+                               "template, the template's eos_token for a Hugging Face one)", default=None)
     val_fraction: float = _h("share of the examples held out for val loss", default=0.05)
     tinyworld_seed: int | None = _h("tinyworld's world seed (default: the base run's recipe seed, else 0)",
                                     default=None)

@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lmstack.data.chat_examples import ChatExampleError, ChatExampleOptions, SFTExample, load_sft_jsonl, sft_examples
-from lmstack.eval.probes import Probe
 from lmstack.finetune.config import FinetuneConfig
 from lmstack.finetune.instruct import TinyWorldChats, tinyworld_chats
 from lmstack.tokenizer.chat import has_chat_tokens
 from lmstack.utils import LmstackError
+
+if TYPE_CHECKING:
+    from lmstack.eval.probes import Probe
 
 
 class TemplateChat:
@@ -29,6 +32,11 @@ class TemplateChat:
 
     def __init__(self, tok, template):
         self.tok, self.template = tok, template
+
+    @property
+    def end_token(self) -> str | None:
+        """Where an assistant turn ends: the template's eos_token (ChatML's <|im_end|> ...)."""
+        return self.template.eos_token
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -75,6 +83,7 @@ def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def read_probes(path: str) -> dict[str, list[Probe]]:
     """{"task", "prompt", "answer"} lines (task optional: "probes") -> {task: [Probe]}."""
+    from lmstack.eval.probes import Probe
     p = Path(path)
     if not p.is_file():
         raise LmstackError(f"eval_probes file {p} not found")
@@ -91,6 +100,16 @@ def read_probes(path: str) -> dict[str, list[Probe]]:
     return out
 
 
+def end_token(cfg: FinetuneConfig, chat) -> str:
+    """The special token that closes a turn: cfg.end_token, else the template's."""
+    from lmstack.tokenizer.chat import END
+    name = cfg.end_token or (chat.end_token if isinstance(chat, TemplateChat) else END)
+    if not name or name not in chat.special_tokens:
+        raise LmstackError(f"end_token={name!r} is not a special token of this tokenizer; pass --end-token, one of "
+                           f"{sorted(chat.special_tokens)}")
+    return name
+
+
 def load_sft_data(cfg: FinetuneConfig, chat, world_seed: int) -> SFTData:
     """The run's examples (split into train and val) and probes, every example checked."""
     try:
@@ -103,7 +122,7 @@ def load_sft_data(cfg: FinetuneConfig, chat, world_seed: int) -> SFTData:
 
 def _load(cfg: FinetuneConfig, chat, world_seed: int) -> SFTData:
     opts = ChatExampleOptions(train_on=cfg.train_on, max_len=cfg.seq_len + 1, truncate=cfg.truncate,
-                              end_token=cfg.end_token)
+                              end_token=end_token(cfg, chat))
     probes: dict[str, list[Probe]] = {}
     if cfg.data == "tinyworld":
         tw = tinyworld_chats(TinyWorldChats(seed=world_seed, size_mb=cfg.tinyworld_mb,

@@ -18,21 +18,29 @@ pretraining text state every fact, only these question forms are held out), read
 comprehension (answer from a context about throwaway names) and direct arithmetic.
 
 Unseen entities. tinyworld's knowledge base (kb) describes people and countries that never
-appear in the pretraining text. Their questions get the target ABSTAIN. The kb entities are
-split in two by a seeded coin per entity: one half trains the abstention, the other half is
-the "unseen" probe set, so the abstention rate is measured on names the model never saw in
-pretraining nor in finetuning. Read it next to accuracy on "facts" (known entities), and the
-rate at which the model abstains on those (it should not).
+appear in the pretraining text: their questions are the "unseen" probes, with the target
+ABSTAIN. The abstention is trained on questions about people and countries invented here
+(names outside the world, the kb and the drawn text), so the abstention rate is measured on
+names the model saw neither in pretraining nor in finetuning. Read it next to accuracy on
+"facts" (known entities) and the rate at which the model abstains on those (it should not).
+
+Scoring is eval/probes.py's (one exact-match rule for the whole stack). eval/ sits a floor
+above finetune/, so it is imported where it is used, as infer/lora.py does with finetune/.
 """
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lmstack.data import tinyworld_tasks
 from lmstack.data.tinyworld import TinyWorldConfig, generate
-from lmstack.data.tinyworld_world import held_out
-from lmstack.eval.probes import Probe, ProbeResult, exact_match, score_probes
+from lmstack.data.tinyworld_world import ANIMALS, COLOURS, JOBS, NameMaker, Person, person_facts, qa
 from lmstack.utils import LmstackError
+
+if TYPE_CHECKING:
+    from lmstack.eval.probes import Probe
 
 ABSTAIN = "I don't know."
 INSTRUCTION_TASKS = tuple(sorted(tinyworld_tasks.INSTRUCTIONS))
@@ -80,12 +88,24 @@ def chat(user: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
-def _kb_split(seed: int, doc_id: str) -> bool:
-    """True: this kb entity is an unseen-entity probe; False: it trains the abstention."""
-    return held_out(seed, "sft-unseen", doc_id, rate=0.5)
+def invented_questions(seed: int, taken: set[str], n: int) -> list[str]:
+    """n questions (user turns) about people and countries invented here, with names outside
+    `taken`: the abstention's training set. Two facts per person, drawn at random."""
+    rng = random.Random(f"tinyworld:{seed}:sft-unseen")
+    name = NameMaker(rng, set(taken))
+    out: list[str] = []
+    while len(out) < n:
+        if rng.random() < 0.15:
+            out.append(question(qa("capital", name(), name())[0]))
+            continue
+        p = Person(name(), name(), rng.choice(COLOURS), rng.choice(JOBS), name(), rng.choice(ANIMALS))
+        out += [question(qa(*f)[0]) for f in rng.sample(person_facts(p), 2)]
+    return out[:n]
 
 
 def tinyworld_chats(opts: TinyWorldChats) -> ChatData:
+    """The training chats and held-out probes of `opts.tasks` (see the module docstring)."""
+    from lmstack.eval.probes import Probe
     corpus = generate(TinyWorldConfig(seed=opts.seed, size_mb=opts.size_mb))
     wanted = set(opts.tasks)
     by_task: dict[str, dict[str, str]] = {t: {} for t in opts.tasks}   # task -> {user turn: answer}, deduped
@@ -100,11 +120,12 @@ def tinyworld_chats(opts: TinyWorldChats) -> ChatData:
         if t != UNSEEN:
             probes[t] = [Probe(t, question(p["prompt"]), p["answer"]) for p in evals[t]]
     if UNSEEN in wanted:
-        for q in corpus.kb_questions:
-            if _kb_split(opts.seed, q["doc_id"]):
-                probes[UNSEEN].append(Probe(UNSEEN, question(q["prompt"]), ABSTAIN))
-            elif len(by_task[UNSEEN]) < opts.per_task:
-                by_task[UNSEEN].setdefault(question(q["prompt"]), ABSTAIN)
+        kb = [Probe(UNSEEN, question(q["prompt"]), ABSTAIN) for q in corpus.kb_questions]
+        random.Random(f"tinyworld:{opts.seed}:sft-kb").shuffle(kb)        # countries and people mixed
+        probes[UNSEEN] = kb
+        taken = corpus.world.names() | set(re.findall(r"[A-Z][a-z]+", " ".join(
+            corpus.docs + [d["text"] for d in corpus.kb_docs])))
+        by_task[UNSEEN] = dict.fromkeys(invented_questions(opts.seed, taken, opts.per_task), ABSTAIN)
     empty = [t for t in opts.tasks if not by_task[t]]
     if empty:
         raise LmstackError(f"tinyworld drew no training records for {empty} in {opts.size_mb} MB; raise the size")
@@ -144,6 +165,7 @@ def evaluate_chat(model, tok, probes: dict[str, list[Probe]], end_id: int, devic
          "abstain_rate_known": float | None}
 
     The model is put in eval mode (the caller restores training mode)."""
+    from lmstack.eval.probes import exact_match, score_probes
     from lmstack.infer import LLM
 
     flat = [p for ps in probes.values() for p in ps]
@@ -163,7 +185,7 @@ def evaluate_chat(model, tok, probes: dict[str, list[Probe]], end_id: int, devic
         outs = complete(batch)
         completions.extend((p, o[0]) for p, o in zip(batch, outs))
         return outs
-    results: dict[str, ProbeResult] = score_probes(probes, recording)
+    results = score_probes(probes, recording)
     tasks = {t: r.to_dict() for t, r in sorted(results.items())}
 
     def abstain_rate(task):

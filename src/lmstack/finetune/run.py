@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from lmstack.finetune.config import FinetuneConfig
-from lmstack.finetune.data import SFTData, chat_tokenizer, load_sft_data
+from lmstack.finetune.data import SFTData, chat_tokenizer, end_token, load_sft_data
 from lmstack.finetune.instruct import evaluate_chat
 from lmstack.finetune.measure import PeakMemory, base_bits_per_param
 from lmstack.finetune.sft import SFTBatches, SFTObjective
@@ -145,7 +145,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     data = load_sft_data(cfg, chat, _world_seed(cfg, base))
     adapted = apply_method(model, cfg)
     train, val = _sources(cfg, data, rank, world)
-    end_id = chat.special_tokens[cfg.end_token]
+    end_id = chat.special_tokens[end_token(cfg, chat)]
     device = cfg.device
     before = evaluate_chat(model, chat, data.probes, end_id, device) if rank == 0 and data.probes else None
     trainer = Trainer(cfg.trainer_config(), model, SFTObjective(), train, val_batches=val)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lmstack.data.chat_examples import SFTExample
-from lmstack.finetune.batching import SFTBatch, collate, pack_rows, pad_rows, trained_positions
+from lmstack.finetune.batching import SFTBatch, collate, pack_rows, trained_positions
 from lmstack.finetune.document_mask import document_mask
 from lmstack.train.objectives import Objective
 from lmstack.utils import LmstackError
@@ -43,6 +43,7 @@ class SFTObjective(Objective):
     backward) would be computed only to be thrown away."""
     name = "sft"
     model_mask = "causal"
+    token_nll = True      # the logged loss is the token-mean NLL of the global batch (see the module docstring)
 
     def loss(self, model, batch: SFTBatch):
         idx = batch.loss_index

@@ -1,9 +1,11 @@
 """Resolve what `LLM(model, tokenizer=...)` was given into (model, tokenizer, eos id).
 
 `model` may be a run directory (tokenizer.json + our model.safetensors/config.json), a
-Hugging Face checkpoint folder (config.json + *.safetensors, tokenizer.json if present), or
-an in-memory `Transformer` (then pass `tokenizer=` for text prompts; token-id prompts work
-without one).
+training checkpoint inside one (RUN/checkpoints/step_N: model.safetensors + state.json, which
+holds the model config; the tokenizer is the run's, found by the hash the checkpoint
+records), a Hugging Face checkpoint folder (config.json + *.safetensors, tokenizer.json if
+present), or an in-memory `Transformer` (then pass `tokenizer=` for text prompts; token-id
+prompts work without one).
 
 A model's vocab may be larger than its tokenizer's: checkpoints pad the embedding to a
 multiple of 64 or 128 (fast matmuls) or reserve ids for later. Those ids can be sampled;
@@ -11,6 +13,7 @@ they decode to no text (detokenizer.py). Loading such a model logs one warning.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -51,14 +54,19 @@ def load(model, tokenizer=None, device: torch.device | None = None, dtype: torch
         if not path.is_dir():
             raise LmstackError(f"model path {str(path)!r} does not exist or is not a directory; pass a run "
                                f"directory (runs/NAME), a Hugging Face checkpoint folder, or a Transformer")
-        if not (path / "config.json").is_file():
-            raise LmstackError(f"{path} has no config.json; it is not a run directory or a Hugging Face "
-                               f"checkpoint folder (expected config.json + model.safetensors)")
-        from lmstack.model import Transformer
-        model = Transformer.from_pretrained(path, device=device, dtype=dtype)
-        if tokenizer is None and (path / "tokenizer.json").is_file():
+        tokenizer_file = path / "tokenizer.json"
+        if not (path / "config.json").is_file() and (path / "state.json").is_file():
+            model, tokenizer_file = _load_training_checkpoint(path)
+        elif not (path / "config.json").is_file():
+            raise LmstackError(f"{path} has no config.json; it is not a run directory, a checkpoint "
+                               f"(RUN/checkpoints/step_N) or a Hugging Face checkpoint folder (expected "
+                               f"config.json + model.safetensors)")
+        else:
+            from lmstack.model import Transformer
+            model = Transformer.from_pretrained(path, device=device, dtype=dtype)
+        if tokenizer is None and tokenizer_file is not None and tokenizer_file.is_file():
             from lmstack.tokenizer import Tokenizer
-            tokenizer = Tokenizer.load(path / "tokenizer.json")
+            tokenizer = Tokenizer.load(tokenizer_file)
         eos = _eos_from_hf_config(path)
     elif not isinstance(model, torch.nn.Module):
         raise LmstackError(f"LLM(model=...) takes a path or a Transformer, got {type(model).__name__}")
@@ -72,6 +80,45 @@ def load(model, tokenizer=None, device: torch.device | None = None, dtype: torch
         eos = tokenizer.eot_token
     _check_vocab(model_config(model).vocab_size, tokenizer)
     return model, tokenizer, eos
+
+
+def _load_training_checkpoint(path: Path):
+    """(model, its tokenizer.json or None) from a trainer checkpoint (train/checkpoint.py's
+    layout: weights in model.safetensors, tied tensors stored once and named in state.json's
+    `aliases`, the model config in its `model_config`). The tokenizer is looked for in the
+    checkpoint, its run directory (two levels up) and the data directory it was trained on,
+    and taken where its SHA-256 is the one the checkpoint records."""
+    from safetensors.torch import load_file
+
+    from lmstack.model import ModelConfig, build_model
+    try:
+        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        weights = load_file(str(path / "model.safetensors"))
+    except Exception as e:   # a damaged file: json or safetensors errors of several types
+        raise LmstackError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(meta.get("model_config"), dict):
+        raise LmstackError(f"checkpoint {path} records no model_config in state.json; load its run directory")
+    if meta.get("save_weights") == "trainable":
+        raise LmstackError(f"checkpoint {path} holds only the trained parameters (save_weights='trainable'), "
+                           f"not a whole model; load the run's final model or merge them into the base")
+    for name, canonical in meta.get("aliases", {}).items():
+        weights[name] = weights[canonical]
+    model = build_model(ModelConfig.from_dict(meta["model_config"]))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise LmstackError(f"checkpoint {path} does not fit the model its state.json describes (missing "
+                           f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); a transformed model "
+                           f"(LoRA, QAT) loads from its run directory")
+    data = (meta.get("config") or {}).get("data")
+    candidates = [path / "tokenizer.json", path.parent.parent / "tokenizer.json"]
+    candidates += [Path(data) / "tokenizer.json"] if data else []
+    want = meta.get("tokenizer")
+    found = next((c for c in candidates if c.is_file() and (want is None or
+                                                            hashlib.sha256(c.read_bytes()).hexdigest() == want)), None)
+    if found is None:
+        log.warning("no tokenizer.json matching checkpoint %s found (looked in %s); pass tokenizer=", path,
+                    ", ".join(str(c.parent) for c in candidates))
+    return model, found
 
 
 def _check_vocab(vocab_size: int, tokenizer) -> None:

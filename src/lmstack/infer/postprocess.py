@@ -200,6 +200,8 @@ class Postprocessor:
             detok.flush()
             self.finish(seq, "stop", token)
         elif (matched := detok.append(token, n_out)) is not None:
+            if p.include_stop_str_in_output:   # the detokenizer cut the text where the stop string starts
+                detok.text += matched
             self.finish(seq, "stop", matched)
         elif (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq) >= self.max_model_len:
             detok.flush()

@@ -10,7 +10,7 @@ Every field is checked in `__post_init__`: a bad value raises `ValueError` namin
 field, the value and the valid range, before any work is queued. `dataclasses.replace`
 re-runs the checks. The sampler (`sampler.py`) reads these fields; the engine's
 postprocessing (`postprocess.py`) reads the stopping fields (stop, stop_token_ids,
-ignore_eos, max_tokens, min_tokens).
+include_stop_str_in_output, ignore_eos, max_tokens, min_tokens).
 """
 from __future__ import annotations
 
@@ -51,8 +51,11 @@ class SamplingParams:
     repetition_penalty  CTRL-style, over prompt + generated tokens: positive logits are
                         divided by it, negative ones multiplied; 1 = off
     seed                per-request RNG seed: same seed -> same output whatever the batch
-    stop                strings that end the completion (the stop text is not returned)
+    stop                strings that end the completion (the stop text is not returned,
+                        unless include_stop_str_in_output)
     stop_token_ids      token ids that end the completion (the token is not in the text)
+    include_stop_str_in_output  keep the stop string that ended the completion at the end of
+                        its text (the text after it, within the same token, is still dropped)
     ignore_eos          keep generating past the end-of-text token
     max_tokens          most tokens generated; None = up to the model's context length
     min_tokens          EOS and stop_token_ids are blocked until this many tokens exist
@@ -86,6 +89,7 @@ class SamplingParams:
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     max_tokens: int | None = 16
     min_tokens: int = 0
@@ -147,6 +151,9 @@ class SamplingParams:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"SamplingParams.logprobs_mode must be one of {list(LOGPROBS_MODES)}, "
                              f"got {self.logprobs_mode!r}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"SamplingParams.include_stop_str_in_output must be True or False, "
+                             f"got {self.include_stop_str_in_output!r}")
         self.stop = self._normalize_stop(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []

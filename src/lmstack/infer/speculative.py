@@ -1,7 +1,7 @@
 """Speculative decoding: guess k tokens cheaply, verify them in one target forward.
 
     LLM(target, speculative={"method": "ngram", "num_speculative_tokens": 4,
-                             "prompt_lookup_max": 4, "prompt_lookup_min": 1})
+                             "prompt_lookup_max": 4, "prompt_lookup_min": 1, "backoff": True})
     LLM(target, speculative={"method": "draft", "model": path_or_Transformer, "num_speculative_tokens": 4,
                              "adaptive": True})
 
@@ -29,15 +29,19 @@ harmless); so does its first speculation after a preemption.
 Adaptive draft length (`"adaptive"`, default on for a draft model, off for n-gram): a draft
 model that keeps missing costs a draft forward per guess and a wider verify every step for
 nothing. So each sequence tracks how far to look ahead, close to the heuristic of
-`transformers`' assisted generation, plus a back-off: all drafts accepted -> one more next
-time (up to num_speculative_tokens); some rejected -> one fewer (at least 1); none accepted
-twice in a row -> no speculation for 4, then 8, 16, 32 steps before probing again with one
-draft; any acceptance ends the back-off. The choice depends only on earlier steps, so
-greedy output stays identical and rejection sampling stays exact. Measured side by side
-(bench_engine's models, k=6, 2 CPU threads): a draft that guesses 6% of copy prompts runs
-at 0.96x with adaptation and 0.57x without; on stories, where it guesses 95%, 2.88x vs
-2.89x. n-gram guesses cost nothing to make and little to verify, so shrinking them only
-loses tokens (stories 1.72x adaptive vs 2.21x fixed): off by default there.
+`transformers`' assisted generation: all drafts accepted -> one more next time (up to
+num_speculative_tokens); some rejected -> one fewer (at least 1). The back-off
+(`"backoff"`, default: as `adaptive`): none accepted twice in a row -> no speculation for 4,
+then 8, 16, 32 steps before probing again; any acceptance ends it. The choices depend only
+on earlier steps, so greedy output stays identical and rejection sampling stays exact.
+Measured side by side (bench_engine's models, k=6, 2 CPU threads): a draft that guesses 6%
+of copy prompts runs at 0.96x with adaptation and 0.57x without; on stories, where it
+guesses 95%, 2.88x vs 2.89x. n-gram guesses cost nothing to make, so shrinking them only
+loses tokens (stories 1.72x adaptive vs 2.21x fixed): adaptive lookahead is off by default
+there. But verifying k guesses is not free either (on a CPU, a k+1-token forward costs
+several one-token forwards), so n-gram on text the model does not copy from its prompt can
+run slower than no speculation: `"backoff": True` gives n-gram the pause alone, with k kept
+fixed. `stats()` says which is on (spec_adaptive, spec_backoff) and the acceptance rate.
 
 Restrictions (documented, by design): only decoding sequences speculate (a sequence
 still prefilling does not); requests asking for logprobs, raw or processed, do not
@@ -58,7 +62,8 @@ from lmstack.infer.sampler import random_sample, sampling_probs
 from lmstack.infer.sequence import Sequence
 from lmstack.utils import LmstackError
 
-_KEYS = {"method", "num_speculative_tokens", "model", "prompt_lookup_max", "prompt_lookup_min", "adaptive"}
+_KEYS = {"method", "num_speculative_tokens", "model", "prompt_lookup_max", "prompt_lookup_min", "adaptive",
+         "backoff"}
 MAX_PAUSE = 32     # longest back-off, in steps, of an adaptive speculator whose drafts keep missing
 
 
@@ -75,25 +80,29 @@ def make_speculator(spec: dict, *, block_manager: BlockManager, max_model_len: i
     if not isinstance(k, int) or k < 1:
         raise LmstackError(f"speculative num_speculative_tokens={k!r} must be an int >= 1")
     adaptive = spec.get("adaptive", spec["method"] == "draft")
-    if not isinstance(adaptive, bool):
-        raise LmstackError(f"speculative adaptive={adaptive!r} must be true or false")
+    backoff = spec.get("backoff", adaptive)
+    for name, value in (("adaptive", adaptive), ("backoff", backoff)):
+        if not isinstance(value, bool):
+            raise LmstackError(f"speculative {name}={value!r} must be true or false")
     if spec["method"] == "ngram":
-        return NgramSpeculator(k, adaptive, max_model_len, eos_token_id,
-                               spec.get("prompt_lookup_max", 4), spec.get("prompt_lookup_min", 1))
+        return NgramSpeculator(k, adaptive, max_model_len, eos_token_id, spec.get("prompt_lookup_max", 4),
+                               spec.get("prompt_lookup_min", 1), backoff=backoff)
     if "model" not in spec:
         raise LmstackError("speculative method 'draft' needs 'model': a run dir, HF folder or Transformer")
     return DraftSpeculator(k, adaptive, max_model_len, eos_token_id, spec["model"], block_manager,
-                           vocab_size, device, dtype)
+                           vocab_size, device, dtype, backoff=backoff)
 
 
 class Speculator:
     method = ""
 
-    def __init__(self, k: int, adaptive: bool, max_model_len: int, eos_token_id: int | None):
+    def __init__(self, k: int, adaptive: bool, max_model_len: int, eos_token_id: int | None, *,
+                 backoff: bool | None = None):
         self.k = k
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id
         self.adaptive = adaptive
+        self.backoff = adaptive if backoff is None else backoff
         self.proposed = self.accepted = self.steps = self.paused_steps = 0
         self._look: dict[int, list[int]] = {}     # seq_id -> [lookahead, consecutive misses, pause left]
 
@@ -104,27 +113,33 @@ class Speculator:
         if p.logprobs is not None:
             return 0
         k = self.k
-        if self.adaptive:
+        if self.adaptive or self.backoff:
             look = self._look.setdefault(seq.seq_id, [self.k, 0, 0])
             if look[2] > 0:
                 look[2] -= 1
                 self.paused_steps += 1
                 return 0
-            k = look[0]
+            k = look[0]          # stays self.k unless adaptive
         left = (p.max_tokens if p.max_tokens is not None else 1 << 30) - seq.num_output_tokens
         return max(0, min(k, left - 1, self.max_model_len - len(seq) - 1))
 
     def _adapt(self, seq: Sequence, proposed: int, accepted: int) -> None:
         look = self._look.get(seq.seq_id)
-        if not self.adaptive or look is None or proposed == 0:
+        if look is None or proposed == 0:
             return
         if accepted == proposed:
-            look[0], look[1] = min(self.k, look[0] + 1), 0
+            look[1] = 0
+            if self.adaptive:
+                look[0] = min(self.k, look[0] + 1)
         elif accepted > 0:
-            look[0], look[1] = max(1, look[0] - 1), 0
+            look[1] = 0
+            if self.adaptive:
+                look[0] = max(1, look[0] - 1)
         else:
-            look[0], look[1] = 1, look[1] + 1
-            if look[1] >= 2:          # 2 misses in a row: pause 4, then 8, 16, 32 steps
+            look[1] += 1
+            if self.adaptive:
+                look[0] = 1
+            if self.backoff and look[1] >= 2:   # 2 misses in a row: pause 4, then 8, 16, 32 steps
                 look[2] = min(MAX_PAUSE, 2 ** look[1])
 
     def prepare(self, seqs: list[Sequence]) -> None: ...
@@ -154,7 +169,8 @@ class Speculator:
         self._look.pop(seq.seq_id, None)
 
     def stats(self) -> dict:
-        return {"spec_method": self.method, "spec_adaptive": self.adaptive, "spec_paused_steps": self.paused_steps,
+        return {"spec_method": self.method, "spec_adaptive": self.adaptive, "spec_backoff": self.backoff,
+                "spec_num_speculative_tokens": self.k, "spec_paused_steps": self.paused_steps,
                 "spec_proposed_tokens": self.proposed,
                 "spec_accepted_tokens": self.accepted, "spec_verify_steps": self.steps,
                 "spec_acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0,
@@ -165,8 +181,8 @@ class NgramSpeculator(Speculator):
     method = "ngram"
 
     def __init__(self, k: int, adaptive: bool, max_model_len: int, eos_token_id: int | None, n_max: int,
-                 n_min: int):
-        super().__init__(k, adaptive, max_model_len, eos_token_id)
+                 n_min: int, *, backoff: bool | None = None):
+        super().__init__(k, adaptive, max_model_len, eos_token_id, backoff=backoff)
         self.proposer = NgramProposer(n_max=n_max, n_min=n_min, num_speculative_tokens=k)
 
     def prepare(self, seqs: list[Sequence]) -> None:
@@ -179,8 +195,9 @@ class DraftSpeculator(Speculator):
     method = "draft"
 
     def __init__(self, k: int, adaptive: bool, max_model_len: int, eos_token_id: int | None, model,
-                 block_manager: BlockManager, vocab_size: int, device: torch.device, dtype: torch.dtype):
-        super().__init__(k, adaptive, max_model_len, eos_token_id)
+                 block_manager: BlockManager, vocab_size: int, device: torch.device, dtype: torch.dtype, *,
+                 backoff: bool | None = None):
+        super().__init__(k, adaptive, max_model_len, eos_token_id, backoff=backoff)
         from lmstack.infer import loader
         draft, _, _ = loader.load(model, None, device, dtype)
         cfg = loader.model_config(draft)

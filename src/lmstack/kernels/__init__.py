@@ -43,6 +43,7 @@ _lock = threading.Lock()
 _loaded: bool | None = None     # None: not tried yet
 _why_not: str | None = None     # the reason the library is unavailable
 _disabled = 0                   # depth of active disabled() blocks
+_fakes = False                  # shape functions registered with torch.library (once a process)
 
 
 def _load() -> str | None:
@@ -56,14 +57,19 @@ def _load() -> str | None:
         return "the build is older than the sources"
     if info.get("torch") != torch.__version__:
         return f"they were built for torch {info.get('torch')}, this is torch {torch.__version__}"
-    if not _registered():   # build() in this process already loaded it
+    if not _registered():   # else build() in this process loaded it already
         torch.ops.load_library(str(build.library_path()))
-        _register_fakes()
+    _register_fakes()
     return None
 
 
 def _register_fakes() -> None:
     """Output shapes without data (meta / fake tensors), so torch.compile can put the ops in a graph."""
+    global _fakes
+    if _fakes:
+        return
+    _fakes = True
+
     @torch.library.register_fake("lmstack::quant_linear")
     def _(x, weight, scale, zero, codebook, bits, group_size, bias):
         return x.new_empty(x.shape[0], weight.shape[0])

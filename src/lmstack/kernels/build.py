@@ -53,7 +53,8 @@ def build(verbose: bool = False) -> Path:
         raise RuntimeError("ninja is not installed (torch.utils.cpp_extension builds with it)")
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     INFO.unlink(missing_ok=True)   # no record while the library may be half-written
-    cpp_extension.load(NAME, [str(s) for s in SOURCES if s.suffix == ".cpp"], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+    cpp_extension.load(NAME, [str(s) for s in SOURCES if s.suffix == ".cpp"], extra_cflags=list(CFLAGS),
+                       extra_ldflags=list(LDFLAGS),
                        build_directory=str(BUILD_DIR), is_python_module=False, verbose=verbose)
     lib = library_path()
     if not lib.exists():

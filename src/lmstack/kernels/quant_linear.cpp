@@ -25,7 +25,8 @@
 // for bit to the Python dequantize() (for QLoRA training, where autograd needs F.linear).
 //
 // Work split: output rows in parallel on torch.get_num_threads() threads (pool.h: the caller
-// never waits for a thread that has not started, which OpenMP's barrier does); inside a row, the M rows of x in tiles of up to 4, so a weight is decoded once per tile.
+// never waits for a thread that has not started, which OpenMP's barrier does); inside a row,
+// the M rows of x in tiles of up to 4, so a weight is decoded once per tile.
 // AVX2 + FMA when the compiler targets them (build.py passes -march=native); otherwise the
 // scalar loops below do all the work (they are also the tails of the vector loops).
 #include <ATen/ATen.h>
@@ -238,7 +239,8 @@ void dequant_row(const Args& a, int64_t o, float* out) {
       for (; j + 8 <= gb; j += 8) {  // 8 bytes -> 16 columns, high nibble first
         const __m256i b = load8_u8(w + j);
         const __m256 hi = _mm256_mul_ps(decode<LUT>(_mm256_srli_epi32(b, 4), zv, lut_lo, lut_hi), sv);
-        const __m256 lo = _mm256_mul_ps(decode<LUT>(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), zv, lut_lo, lut_hi), sv);
+        const __m256i low = _mm256_and_si256(b, _mm256_set1_epi32(0xF));
+        const __m256 lo = _mm256_mul_ps(decode<LUT>(low, zv, lut_lo, lut_hi), sv);
         // unpack interleaves within 128-bit lanes: [h0 l0 h1 l1 | h4 l4 h5 l5], [h2 l2 h3 l3 | h6 l6 h7 l7]
         const __m256 p0 = _mm256_unpacklo_ps(hi, lo), p1 = _mm256_unpackhi_ps(hi, lo);
         _mm256_storeu_ps(dst + 2 * j, _mm256_permute2f128_ps(p0, p1, 0x20));

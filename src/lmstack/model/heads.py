@@ -39,7 +39,8 @@ def _replace_head(model: nn.Module, n_out: int) -> None:
 def add_score_head(model: nn.Module, n_out: int = 1) -> nn.Module:
     """Replace `model.lm_head` (n_embd -> vocab) by a fresh linear n_embd -> n_out, in place."""
     if not hasattr(model, "lm_head") or not hasattr(model, "config"):
-        raise LmstackError(f"add_score_head needs an lmstack Transformer (lm_head + config), got {type(model).__name__}")
+        raise LmstackError(f"add_score_head needs an lmstack Transformer (lm_head + config), "
+                           f"got {type(model).__name__}")
     if has_score_head(model):
         raise LmstackError("the model already has a score head")
     if not isinstance(n_out, int) or n_out < 1:

@@ -44,6 +44,10 @@ class Run:
         self.data_dir = self.dir / "data"
         self.records: dict[str, StageRecord] = {}
         self.log = log
+        # True while a stage runs whose last run with the same cache key started and never
+        # finished (interrupted): the stage may continue from what that run left (pretrain
+        # resumes from its checkpoints). Never under force=True.
+        self.resuming = False
         self._cache: dict[str, Any] = {}
 
     def memo(self, name: str, make: Callable[[], Any]) -> Any:
@@ -78,6 +82,13 @@ def stage_keys(stages: list[Stage], opts: RunOptions) -> dict[str, str]:
         keys[s.name] = _hash({"stage": s.name, "version": CACHE_VERSION, "params": s.params(opts),
                               "needs": [keys[n] for n in s.needs]})
     return keys
+
+
+def _load_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_record(path: Path, key: str) -> StageRecord | None:
@@ -126,8 +137,13 @@ def run_stages(stages: list[Stage], opts: RunOptions, force: bool = False,
             run.records[s.name] = rec
             continue
         log(f"[{s.name}] {s.help}")
+        started = run.dir / "stages" / f"{s.name}.started.json"
+        run.resuming = not force and _load_key(started) == keys[s.name]
+        atomic_write_json(started, {"name": s.name, "key": keys[s.name]})
         t0 = time.perf_counter()
         numbers = s.run(run)
+        started.unlink(missing_ok=True)
+        run.resuming = False
         rec = StageRecord(s.name, keys[s.name], "ran", time.perf_counter() - t0, numbers)
         run.records[s.name] = rec
         if s.cache:
@@ -154,20 +170,36 @@ def clear_outputs(paths: list[Path]) -> None:
             p.unlink()
 
 
-def format_table(summary: dict, width: int = 70) -> str:
-    """The summary table printed at the end of `lmstack run`."""
-    rows = [("stage", "status", "time", "numbers")]
+def format_table(summary: dict, width: int = 72) -> str:
+    """The summary table printed at the end of `lmstack run`. Every number of every stage is
+    shown: a stage's numbers wrap onto further lines at `width` characters, never cut."""
+    rows = [("stage", "status", "time", ["numbers"])]
     for r in summary["stages"]:
-        nums = ", ".join(f"{k}={_short(v)}" for k, v in r["numbers"].items() if not isinstance(v, (dict, list)))
-        if len(nums) > width:
-            nums = nums[: width - 3] + "..."
+        items = [f"{k}={_short(v)}" for k, v in r["numbers"].items() if not isinstance(v, (dict, list))]
         seconds = f"{r['seconds']:.1f}s" if r["status"] == "ran" else f"({r['seconds']:.1f}s)"
-        rows.append((r["name"], r["status"], seconds, nums))
+        rows.append((r["name"], r["status"], seconds, _wrap(items, width) or [""]))
     w = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows]
-    lines.insert(1, "-" * (sum(w) + 6 + min(width, max(len(r[3]) for r in rows))))
+    indent = " " * (sum(w) + 6)
+    lines = []
+    for a, b, c, nums in rows:
+        lines.append(f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {nums[0]}".rstrip())
+        lines += [indent + more for more in nums[1:]]
+    lines.insert(1, "-" * (sum(w) + 6 + min(width, max(len(n) for row in rows for n in row[3]))))
     lines.append(f"run dir: {summary['run_dir']}   total: {summary['seconds']:.1f}s")
     return "\n".join(lines)
+
+
+def _wrap(items: list[str], width: int) -> list[str]:
+    """Join items with ", " into lines of at most `width` characters (a longer item stands alone)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 2 + len(item) <= width:
+            lines[-1] += ", " + item
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(item)
+    return lines
 
 
 def format_probes(run_dir: str | Path) -> str:

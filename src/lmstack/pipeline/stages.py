@@ -9,18 +9,15 @@ import json
 import time
 from pathlib import Path
 
-from lmstack.pipeline.options import SPECIAL_TOKENS
+from lmstack.pipeline.data import build_corpus_dir, train_tokenizer, write_token_shards
+from lmstack.pipeline.options import train_config_for
 from lmstack.pipeline.runner import Run, Stage, clear_outputs
 from lmstack.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 # --------------------------------------------------------------------------- corpus
 def corpus(run: Run) -> dict:
-    from lmstack.data import CorpusOptions, build_corpus
-
-    o = run.opts
-    meta = build_corpus(CorpusOptions(corpus=o.corpus, out=str(run.data_dir), size_mb=o.size_mb, seed=o.seed,
-                                      dedupe=o.dedupe, noise=o.noise))
+    meta = build_corpus_dir(run.opts, run.data_dir)
     numbers = {}
     for split, info in meta.get("splits", {}).items():
         numbers[f"{split}_docs"] = info.get("documents")
@@ -33,14 +30,9 @@ def corpus(run: Run) -> dict:
 # --------------------------------------------------------------------------- tokenizer
 def tokenizer(run: Run) -> dict:
     from lmstack.data import iter_texts
-    from lmstack.tokenizer import Tokenizer
 
-    o = run.opts
-    texts = list(iter_texts(run.data_dir, "train"))
-    tok = Tokenizer.train(texts, vocab_size=o.vocab_size, pattern=o.tokenizer_pattern,
-                          special_tokens=SPECIAL_TOKENS)
+    tok = train_tokenizer(run.opts, run.data_dir)
     # The trainer reads DATA_DIR/tokenizer.json; the run dir gets its own copy (LLM("runs/x")).
-    tok.save(run.data_dir / "tokenizer.json")
     tok.save(run.dir / "tokenizer.json")
     run.forget("tokenizer", "model", "llm")
     val = "".join(t for _, t in zip(range(200), iter_texts(run.data_dir, "val")))
@@ -56,9 +48,9 @@ def load_tokenizer(run: Run):
 
 # --------------------------------------------------------------------------- shards
 def shards(run: Run) -> dict:
-    from lmstack.data import ShardSet, write_shards
+    from lmstack.data import ShardSet
 
-    write_shards(run.data_dir, load_tokenizer(run), splits=("train", "val"))
+    write_token_shards(run.data_dir, load_tokenizer(run), splits=("train", "val"))
     return {f"{s}_tokens": len(ShardSet(run.data_dir / "shards", s)) for s in ("train", "val")}
 
 
@@ -68,22 +60,46 @@ def _pretrain_outputs(run: Run) -> list[Path]:
 
 
 def pretrain(run: Run) -> dict:
-    from lmstack.model import ModelConfig
-    from lmstack.train import TrainConfig, Trainer
+    """Pretrain with checkpoints every train_config.ckpt_every steps. When an earlier run of
+    this very stage (same cache key) was interrupted, continue from its last checkpoint: the
+    trainer's exact resume makes the losses those of an uninterrupted run."""
+    from lmstack.train import Trainer
+    from lmstack.train.checkpoint import latest_checkpoint
 
     o = run.opts
-    # A fresh run: metrics and checkpoints of an earlier run with other settings must not mix in.
-    clear_outputs(_pretrain_outputs(run) + [run.dir / "checkpoints", run.dir / "tb"])
+    latest = latest_checkpoint(run.dir / "checkpoints") if run.resuming else None
+    if latest is None:
+        # A fresh run: metrics and checkpoints of an earlier run with other settings must not mix in.
+        clear_outputs(_pretrain_outputs(run) + [run.dir / "checkpoints", run.dir / "tb"])
+    else:
+        run.log(f"[pretrain] resuming the interrupted run from {latest.relative_to(run.dir)}")
     run.forget("model", "llm")
-    tok = load_tokenizer(run)
-    model_config = ModelConfig.preset(o.model, **{"vocab_size": tok.n_vocab, **o.model_config})
-    cfg = TrainConfig(data=str(run.data_dir), out=str(run.dir), model=o.model, objective="causal",
-                      max_steps=o.max_steps, batch_size=o.batch_size, seq_len=o.seq_len, lr=o.lr,
-                      seed=o.seed, device=o.device, **o.train_config)
-    result = Trainer(cfg, model_config).fit()
+    cfg = train_config_for(o, data=str(run.data_dir), out=str(run.dir), resume=latest is not None)
+    on_sample = _sampler(run) if cfg.sample_every else None
+    result = Trainer(cfg, on_sample=on_sample).fit()
     return {"params": result["num_params"], "steps": result["steps"], "tokens": result["tokens"],
             "tokens_per_s": result["tokens_per_s"], "train_loss": result["train_loss"],
-            "trainer_val_loss": result["val_loss"]}
+            "trainer_val_loss": result["val_loss"], "resumed_from": result["resumed_from"]}
+
+
+def _sampler(run: Run, n_prompts: int = 3):
+    """The trainer's on_sample callback: greedy completions of the first sample prompts, so
+    the report can show how the same prompts are continued as training goes on."""
+    prompts = sample_prompts(run)[:n_prompts]
+    tok = load_tokenizer(run)
+    max_tokens = run.opts.sample_max_tokens
+    need = sum(len(tok.encode(p, allowed_special="all")) + max_tokens + 16 for p in prompts)
+
+    def on_sample(model, step: int) -> dict:
+        from lmstack.infer import LLM, SamplingParams
+
+        # a small KV cache, made anew each time: the engine needs room for one whole context
+        kv_tokens = max(need, model.config.context_length)
+        llm = LLM(model=model, tokenizer=tok, device=run.opts.device, kv_cache_tokens=kv_tokens)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
+        return {"samples": [{"prompt": p, "completion": out.outputs[0].text} for p, out in zip(prompts, outs)]}
+
+    return on_sample
 
 
 def load_model(run: Run):
@@ -119,9 +135,11 @@ def evaluate(run: Run) -> dict:
     }
     probes = load_probes(run.data_dir / "eval", limit=o.probe_limit or None)
     t0 = time.perf_counter()
-    scores = score_probes(probes, engine_completer(load_llm(run), max_tokens=o.probe_max_tokens or None))
+    n_max = max((len(v) for v in probes.values()), default=0)      # keep every example, pick below
+    scores = score_probes(probes, engine_completer(load_llm(run), max_tokens=o.probe_max_tokens or None),
+                          n_examples=n_max)
     result["probe_seconds"] = time.perf_counter() - t0
-    rows = [r.to_dict() for r in scores.values()]
+    rows = [{**r.to_dict(), "examples": mixed_examples(r.examples)} for r in scores.values()]
     atomic_write_json(run.dir / "eval.json", {**result, "probes": rows})
     numbers = dict(result)       # per-task scores live in eval.json and the report's probe table
     if rows:
@@ -129,6 +147,16 @@ def evaluate(run: Run) -> dict:
         numbers["probe_acc_mean"] = sum(r["accuracy"] for r in rows) / len(rows)
         numbers["probe_chance_mean"] = sum(r["chance"] for r in rows) / len(rows)
     return numbers
+
+
+def mixed_examples(examples: list[dict], k: int = 4) -> list[dict]:
+    """Up to k examples for the report, half right and half wrong where both exist (the first
+    of each kind, in probe order), so a reader sees what the model gets and what it misses."""
+    right = [e for e in examples if e["correct"]]
+    wrong = [e for e in examples if not e["correct"]]
+    n_right = min(len(right), max(k // 2, k - len(wrong)))
+    picked = right[:n_right] + wrong[:k - n_right]
+    return sorted(picked, key=examples.index)
 
 
 # --------------------------------------------------------------------------- sample
@@ -164,21 +192,26 @@ def sample(run: Run) -> dict:
 
 # --------------------------------------------------------------------------- report
 def report(run: Run) -> dict:
-    from lmstack.report import loss_curve_png, probe_accuracy_png, read_metrics, render_report
+    from lmstack.report import (loss_curve_png, probe_accuracy_png, read_metrics, render_report,
+                                training_curves_png)
 
+    t0 = time.perf_counter()
     ev = _read_json(run.dir / "eval.json") or {}
     samples = _read_json(run.dir / "samples.json") or []
-    figures = []
+    figures = []                                   # (file name, caption, png)
     metrics = read_metrics(run.dir / "metrics.jsonl")
     if metrics:
         baselines = {"unigram entropy": ev["unigram_entropy"]} if "unigram_entropy" in ev else None
-        figures.append(("Train and validation loss (nats/token); dashed: unigram entropy of the corpus, the "
-                        "loss of the best context-free predictor", loss_curve_png(metrics, baselines)))
+        figures.append(("loss.png", "Train and validation loss (nats/token); dashed: unigram entropy of the "
+                        "corpus, the loss of the best context-free predictor", loss_curve_png(metrics, baselines)))
+        figures.append(("training.png", "Learning rate (warmup, then the schedule), gradient norm before "
+                        "clipping (dashed: the clip threshold), and throughput in tokens/s",
+                        training_curves_png(metrics, grad_clip=train_config_for(run.opts).grad_clip)))
     if ev.get("probes"):
-        figures.append(("Held-out exact-match probes: model (greedy) vs always giving the task's most "
-                        "common answer", probe_accuracy_png(ev["probes"])))
-    for i, (caption, png) in enumerate(figures):
-        atomic_write_bytes(run.dir / "figures" / ("loss.png", "probes.png")[i], png)
+        figures.append(("probes.png", "Held-out exact-match probes: model (greedy) vs always giving the task's "
+                        "most common answer", probe_accuracy_png(ev["probes"])))
+    for name, _, png in figures:
+        atomic_write_bytes(run.dir / "figures" / name, png)
 
     headline = []
     if "val_loss" in ev:
@@ -193,14 +226,19 @@ def report(run: Run) -> dict:
         headline += [("parameters", pre.numbers["params"]), ("pretrain time (s)", pre.seconds)]
     stages = [{"name": r.name, "status": r.status, "seconds": r.seconds, "numbers": r.numbers}
               for r in run.records.values()]
+    # this stage, while it writes the page: its time so far (the figures are the slow part)
+    stages.append({"name": "report", "status": "ran", "seconds": time.perf_counter() - t0,
+                   "numbers": {"figures": len(figures)}})
+    during = [{"step": m["step"], "samples": m["samples"]} for m in metrics
+              if m.get("split") == "sample" and isinstance(m.get("samples"), list)]
     o = run.opts
     page = render_report(
         title=f"lmstack run: {o.name}",
         subtitle=f"corpus {o.corpus} ({o.size_mb} MB), vocab {o.vocab_size}, model {o.model}, "
                  f"{o.max_steps} steps x {o.batch_size} x {o.seq_len} tokens; "
                  f"written {time.strftime('%Y-%m-%d %H:%M')}",
-        headline=headline, stages=stages, figures=figures, probes=ev.get("probes", []), samples=samples,
-        recipe=o.to_recipe())
+        headline=headline, stages=stages, figures=[(c, png) for _, c, png in figures], probes=ev.get("probes", []),
+        samples=samples, recipe=o.to_recipe(), training_samples=during)
     atomic_write_text(run.dir / "report.html", page)
     return {"figures": len(figures), "report_kb": round(len(page) / 1024, 1)}
 
@@ -219,7 +257,8 @@ def _p(*keys: str):
 
 STAGES: list[Stage] = [
     Stage("corpus", "build the corpus, split it, write probes", (),
-          _p("corpus", "size_mb", "seed", "dedupe", "noise"), corpus,
+          _p("corpus", "size_mb", "seed", "dedupe", "near_threshold", "noise", "val_frac", "test_frac", "doc_chars",
+             "field", "errors"), corpus,
           lambda r: [r.data_dir / "meta.json", r.data_dir / "docs" / "train.jsonl"]),
     Stage("tokenizer", "train the byte-level BPE tokenizer on the train docs", ("corpus",),
           _p("vocab_size", "tokenizer_pattern"), tokenizer,

@@ -1,6 +1,7 @@
 """Figures for the run report, drawn with matplotlib (Agg, no display) and returned as PNG bytes.
 
     png = loss_curve_png(read_metrics("runs/demo/metrics.jsonl"), baselines={"unigram entropy": 5.9})
+    png = training_curves_png(read_metrics("runs/demo/metrics.jsonl"), grad_clip=1.0)   # lr, grad norm, tok/s
 """
 from __future__ import annotations
 
@@ -73,6 +74,30 @@ def loss_curve_png(metrics: list[dict], baselines: dict[str, float] | None = Non
     ax.grid(alpha=0.3)
     if steps or vsteps or baselines:
         ax.legend(loc="upper right", fontsize=8)
+    return _png(fig)
+
+
+def training_curves_png(metrics: list[dict], grad_clip: float = 0.0) -> bytes:
+    """Three panels against step, from the trainer's train lines: learning rate, gradient norm
+    (before clipping; `grad_clip` > 0 drawn dashed) and throughput (tokens/s). A panel whose
+    key no line has says so instead of staying blank."""
+    plt = _pyplot()
+    rows = [m for m in metrics if m.get("split") == "train" and "step" in m]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, key, label in zip(axes, ("lr", "grad_norm", "tok_per_s"),
+                              ("learning rate", "gradient norm", "tokens / s")):
+        pts = [(float(m["step"]), float(m[key])) for m in rows if isinstance(m.get(key), (int, float))]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#1f77b4", linewidth=1.2)
+        else:
+            ax.text(0.5, 0.5, f"no {key} in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
+        if key == "grad_norm" and grad_clip > 0:
+            ax.axhline(grad_clip, linestyle="--", color="#d62728", linewidth=1, label=f"clip {grad_clip:g}")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     return _png(fig)
 
 

@@ -1,5 +1,7 @@
 """One self-contained HTML page for a run: headline numbers, figures (PNG embedded as base64),
-a table of every stage (status, time, numbers), probe results, samples and the recipe (YAML).
+a table of every stage (status, time, numbers), probe results with examples the model got
+right and wrong (whole prompts: a reading task's answer is in its context), samples taken
+during training and at the end, and the recipe (YAML).
 
 No external CSS, scripts or images: the file can be mailed, archived or opened offline.
 """
@@ -24,6 +26,7 @@ th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#666;font-size:13px}
 pre{background:#f7f7f7;padding:8px;white-space:pre-wrap;word-break:break-word;font-size:13px;margin:0}
+pre.example{max-height:14em;overflow:auto;margin-bottom:4px}
 .ok{color:#1a7f37;font-weight:600} .bad{color:#b42318} .cached{color:#777}
 .prompt{color:#555} .completion{color:#0b5cad;font-weight:600}
 """
@@ -57,12 +60,13 @@ def _numbers(d: dict) -> str:
 
 def render_report(title: str, subtitle: str, headline: list[tuple[str, Any]], stages: list[dict],
                   figures: list[tuple[str, bytes]], probes: list[dict], samples: list[dict],
-                  recipe: dict) -> str:
+                  recipe: dict, training_samples: list[dict] | None = None) -> str:
     """The page as a string.
 
     stages:  [{"name", "status", "seconds", "numbers": {...}}]
     figures: [(caption, png_bytes)]
     probes:  ProbeResult.to_dict() rows; samples: [{"prompt", "completion"}]
+    training_samples: [{"step", "samples": [{"prompt", "completion"}]}] (greedy, during training)
     """
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
            f"<style>{_CSS}</style></head><body>",
@@ -93,17 +97,27 @@ def render_report(title: str, subtitle: str, headline: list[tuple[str, Any]], st
                    "<th>accuracy</th><th>chance</th><th>examples (prompt &rarr; completion | answer)</th></tr>")
         for r in probes:
             ex = "".join(
-                f"<pre><span class='prompt'>{_esc(e['prompt'][-120:])}</span>"
+                f"<pre class='example'><span class='prompt'>{_esc(e['prompt'])}</span>"
                 f"<span class='completion'>{_esc(e['completion'])}</span> "
-                f"<span class='{'ok' if e['correct'] else 'bad'}'>| {_esc(e['answer'])}</span></pre>"
+                f"<span class='{'ok' if e['correct'] else 'bad'}'>| {_esc(e['answer'])} "
+                f"{'(right)' if e['correct'] else '(wrong)'}</span></pre>"
                 for e in r.get("examples", []))
             out.append(f"<tr><td>{_esc(r['task'])}</td><td class='num'>{r['n']}</td>"
                        f"<td class='num'>{r['accuracy']:.1%}</td><td class='num'>{r['chance']:.1%}</td>"
                        f"<td>{ex}</td></tr>")
         out.append("</table>")
 
+    if training_samples:
+        out.append("<h2>Samples during training (greedy)</h2><table><tr><th>step</th>"
+                   "<th>prompt &rarr; completion</th></tr>")
+        for rec in training_samples:
+            cells = "".join(f"<pre class='example'><span class='prompt'>{_esc(x['prompt'])}</span>"
+                            f"<span class='completion'>{_esc(x['completion'])}</span></pre>" for x in rec["samples"])
+            out.append(f"<tr><td class='num'>{_esc(fmt(rec['step']))}</td><td>{cells}</td></tr>")
+        out.append("</table>")
+
     if samples:
-        out.append("<h2>Samples</h2><table><tr><th>prompt &rarr; completion</th></tr>")
+        out.append("<h2>Samples at the end</h2><table><tr><th>prompt &rarr; completion</th></tr>")
         out += [f"<tr><td><pre><span class='prompt'>{_esc(s['prompt'])}</span>"
                 f"<span class='completion'>{_esc(s['completion'])}</span></pre></td></tr>" for s in samples]
         out.append("</table>")

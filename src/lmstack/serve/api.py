@@ -141,6 +141,22 @@ async def completions(body: CompletionRequest, request: Request):
                          "choices": choices, "usage": run.usage()})
 
 
+def _refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """Features this server does not have yet get a 400, never a 200 that silently ignores them."""
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} are not supported by this server yet (it cannot make tool calls); "
+                                f"drop {name}", param=name)
+    if body.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, f"tool_choice={body.tool_choice!r} is not supported (there are no tools to call); "
+                            f"drop tool_choice", param="tool_choice")
+    fmt = body.response_format
+    if fmt is not None and fmt.get("type") != "text":
+        raise APIError(400, f"response_format type {fmt.get('type')!r} is not supported by this server yet (no "
+                            f"JSON mode or constrained decoding); drop response_format or use "
+                            f"{{\"type\": \"text\"}}", param="response_format")
+
+
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
              responses=_stream_doc(ChatCompletionResponse))
 async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -150,6 +166,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     model = lora or s.model_name
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+    _refuse_unsupported(body)
     ids = await asyncio.to_thread(convert.chat_prompt_ids, body.messages, s.tokenizer, s.chat_template)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"

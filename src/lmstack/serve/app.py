@@ -194,6 +194,7 @@ def create_app(engine_or_path: Any, *, api_key: str | None = None, max_n: int = 
     app = FastAPI(title="lmstack", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API for an lmstack model, plus the dashboard's endpoints.")
     app.state.max_attention_tokens = max_attention_tokens
+    app.state.model_path = Path(engine_or_path) if isinstance(engine_or_path, (str, Path)) else None   # dashboard
     app.state.max_tokenize_tokens = max_tokenize_tokens
     install_error_handlers(app)
     app.include_router(api.router)

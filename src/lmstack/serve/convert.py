@@ -13,7 +13,8 @@ from typing import Any
 
 from lmstack.serve.errors import APIError
 from lmstack.serve.protocol import MAX_PROMPTS_PER_REQUEST, ChatMessage, CompletionRequest, _SamplingRequest
-from lmstack.tokenizer.chat import END, has_chat_tokens
+# chat_stop_token_ids is re-exported: api.py calls convert.chat_stop_token_ids
+from lmstack.tokenizer.chat_template import NoChatTemplate, chat_stop_token_ids, encode_chat  # noqa: F401
 
 # OpenAI's "developer" is the "system" of the templates models were trained with.
 _ROLE_ALIASES = {"developer": "system"}
@@ -71,16 +72,13 @@ def encode_text(tokenizer, text: str) -> list[int]:
 def chat_prompt_ids(messages: list[ChatMessage], tokenizer, template=None) -> list[int]:
     """The prompt ids for `messages`, ending with the assistant's turn to speak: rendered by
     `template` (a ChatTemplate: the checkpoint's Jinja or --chat-template) when there is one,
-    else by lmstack's own template (our run directories). Text parts are joined into one
-    string, as text-only templates expect."""
+    else by lmstack's own template (our run directories); see `encode_chat`. Text parts are
+    joined into one string, as text-only templates expect."""
     plain = [{"role": _ROLE_ALIASES.get(m.role, m.role), "content": m.text(), "name": m.name} for m in messages]
     try:
-        if template is not None:
-            return encode_text(tokenizer, template.render(plain, add_generation_prompt=True))
-        if not has_chat_tokens(tokenizer):
-            raise APIError(400, NO_TEMPLATE, param="messages", code="no_chat_template")
-        plain = [{"role": m["role"], "content": m["content"]} for m in plain]
-        return list(tokenizer.apply_chat_template(plain, add_generation_prompt=True))
+        return encode_chat(plain, tokenizer, template)
+    except NoChatTemplate:
+        raise APIError(400, NO_TEMPLATE, param="messages", code="no_chat_template") from None
     except (ValueError, KeyError) as e:
         raise APIError(400, f"messages cannot be rendered by the chat template: {e}", param="messages") from None
 
@@ -127,14 +125,6 @@ def sampling_params(req: _SamplingRequest, max_tokens: int, limits: Limits, *, l
         )
     except (ValueError, TypeError) as e:
         raise APIError(400, f"invalid sampling parameters: {e}") from None
-
-
-def chat_stop_token_ids(tokenizer, template=None) -> list[int] | None:
-    """Where the assistant's turn ends: `<|end|>` in our template; a Jinja template's
-    `eos_token` (e.g. <|im_end|>, <|eot_id|>), which may differ from the model's EOS."""
-    specials = getattr(tokenizer, "special_tokens", None) or {}
-    end = template.eos_token if template is not None else END
-    return [specials[end]] if end in specials else None
 
 
 # ------------------------------------------------------------------- log-probs

@@ -179,6 +179,18 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: integer(ge=0, le=20) | None = Field(None, description="Needs logprobs: true.")
     max_completion_tokens: integer(ge=1, json_schema_extra=_limited("max_tokens")) | None = None
+    # Not supported yet, and refused rather than ignored (a client would take plain text for a
+    # tool call or for JSON): api.py answers 400 with a message of its own; the schema states
+    # the same bounds.
+    tools: list[dict[str, Any]] | None = Field(None, json_schema_extra={"maxItems": 0},
+                                               description="Not supported yet (no tool calls): only an empty list.")
+    functions: list[dict[str, Any]] | None = Field(None, json_schema_extra={"maxItems": 0},
+                                                   description="Not supported (legacy tools): only an empty list.")
+    tool_choice: Any = Field(None, json_schema_extra={"enum": ["none", "auto", None]},
+                             description="Only 'none' or 'auto' (there are no tools to call).")
+    response_format: dict[str, Any] | None = Field(
+        None, json_schema_extra={"properties": {"type": {"const": "text"}}, "required": ["type"]},
+        description='Only {"type": "text"}: no JSON mode or JSON schema (constrained decoding) yet.')
 
 
 # ---------------------------------------------------------------- responses
@@ -295,6 +307,12 @@ class TokenizeRequest(_TextInput):
 
 class NextTokenRequest(_TextInput):
     top_n: integer(ge=1, le=4096) = Field(256, description="How many of the most likely tokens to return.")
+    # The sampler's settings (SamplingParams' meanings): the distribution they give is computed
+    # over the whole vocabulary, as the engine samples it.
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_k: integer(ge=0, le=1_000_000) = Field(0, description="0 = off.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class AttentionRequest(_TextInput):

@@ -3,6 +3,12 @@
     tpl = ChatTemplate.from_pretrained("path/to/hf_folder")     # None if the folder has none
     text = tpl.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     ids = tokenizer.encode(text, allowed_special="all")         # = apply_chat_template(tokenize=True)
+    ids = encode_chat(messages, tokenizer, tpl)                 # tpl, else lmstack's own template
+    stop = chat_stop_token_ids(tokenizer, tpl)                  # where the assistant's turn ends
+
+`encode_chat` and `chat_stop_token_ids` are the one place that decides which template a model
+chats with (the server and `LLM.chat` both call them): the checkpoint's Jinja when it has
+one, else lmstack's own (`chat.py`, our run directories).
 
 A checkpoint keeps its template in `chat_template.jinja` (transformers >= 4.47 writes it
 there) or under `chat_template` in `tokenizer_config.json` (a string, or a list of
@@ -38,6 +44,10 @@ CONFIG_FILE = "tokenizer_config.json"
 
 class ChatTemplateError(TokenizerError):
     """The template cannot be read or compiled, or it refused these messages."""
+
+
+class NoChatTemplate(ChatTemplateError):
+    """The model has no Jinja template and its tokenizer lacks lmstack's chat tokens."""
 
 
 def _token_text(value: Any) -> str | None:
@@ -159,3 +169,30 @@ class ChatTemplate:
             raise ChatTemplateError(f"the chat template refused these messages: {e}") from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
             raise ChatTemplateError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
+
+
+def encode_chat(messages: list[dict], tokenizer, template: ChatTemplate | None = None,
+                add_generation_prompt: bool = True) -> list[int]:
+    """Prompt ids for `messages` ({"role", "content"} dicts): rendered by `template` when there
+    is one (its text holds every control token, so specials are honoured, as transformers
+    does), else by lmstack's own template, which needs the tokenizer's chat tokens."""
+    from lmstack.tokenizer.chat import has_chat_tokens
+
+    if template is not None:
+        return tokenizer.encode(template.render(messages, add_generation_prompt=add_generation_prompt),
+                                allowed_special="all")
+    if not has_chat_tokens(tokenizer):
+        raise NoChatTemplate("this model has no chat template: no Jinja template came with it and its tokenizer "
+                             "lacks lmstack's chat tokens")
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return list(tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt))
+
+
+def chat_stop_token_ids(tokenizer, template: ChatTemplate | None = None) -> list[int] | None:
+    """Where the assistant's turn ends: `<|end|>` in our template; a Jinja template's
+    `eos_token` (e.g. <|im_end|>, <|eot_id|>), which may differ from the model's EOS."""
+    from lmstack.tokenizer.chat import END
+
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    end = template.eos_token if template is not None else END
+    return [specials[end]] if end in specials else None

@@ -43,8 +43,9 @@ from lmstack.train.config import TrainConfig
 from lmstack.train.metrics import MetricsLog, check_objective_output, metric_vector, peak_flops
 from lmstack.train.objectives import as_objective
 from lmstack.train.optim import lr_multiplier, set_lr
+from lmstack.train.progress import TrainProgress
 from lmstack.train.resume import check_checkpoint_fits, frozen_fingerprint, trainable_names
-from lmstack.utils import LmstackError, atomic_write_json, autocast, ensure_writable_dir, progress, seed_everything
+from lmstack.utils import LmstackError, atomic_write_json, autocast, ensure_writable_dir, seed_everything
 
 
 class NonFiniteLossError(LmstackError):
@@ -332,7 +333,7 @@ class Trainer:
         fpt = getattr(self.raw_model, "flops_per_token", None)
         flops_per_token = float(fpt(cfg.seq_len)) if callable(fpt) else 0.0
         peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device, self.dtype)) * info.world_size
-        bar = progress(total=cfg.max_steps, initial=self.step, desc="train", disable=None if info.is_main else True)
+        bar = TrainProgress(cfg.max_steps, self.step, enabled=info.is_main)   # a bar, or lines in logs
         last_train = last_val = None
         t_start = t_log = time.perf_counter()
         start_tokens = tokens_log = self.tokens_seen
@@ -348,7 +349,7 @@ class Trainer:
                 mfu = tok_s * flops_per_token / peak if peak else 0.0
                 self._log({"step": s, "split": "train", **rec, "tokens": self.tokens_seen,
                            "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 5)})
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tok_s:.0f}", mfu=f"{100 * mfu:.1f}%")
+                bar.set_postfix(loss=rec["loss"], tok_s=tok_s, mfu=mfu)
             bar.update(1)
             if (cfg.eval_every and s % cfg.eval_every == 0) or s == cfg.max_steps:
                 ev = self.evaluate()
@@ -397,9 +398,9 @@ class Trainer:
             save_file(ckpt._dedupe(model_sd)[0], str(self.out / "model.safetensors"))
             return
         if not self.info.whole_model:  # parameters are sharded or split: rebuild a plain copy to save
-            from lmstack.model import Transformer
+            from lmstack.model import build_model as build_arch
             from lmstack.model.transforms import apply_transforms, get_transforms
-            plain = Transformer(self.mcfg)
+            plain = build_arch(self.mcfg)   # the config's arch: decoder, encoder or encoder-decoder
             apply_transforms(plain, get_transforms(raw) or None)
             plain.load_state_dict(model_sd)
             raw = plain

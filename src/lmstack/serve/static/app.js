@@ -154,7 +154,10 @@ async function sendChat(event) {
 }
 
 // ---------------------------------------------------------------- live sampler
-const SAMPLER = { data: null };
+// The server applies the engine's own sampler (temperature, top-k, top-p, min-p) to the whole
+// vocabulary, so entropy and "kept" are the model's; it caches the prompt's logits, so moving a
+// slider costs a round trip, not a forward.
+const SAMPLER = { data: null, seq: 0, timer: null };
 
 function tokenLabel(t) {
   // A token that is part of a multi-byte character has no text of its own: show its bytes.
@@ -163,88 +166,65 @@ function tokenLabel(t) {
   return JSON.stringify(t.text).slice(1, -1).replace(/ /g, "␣");
 }
 
-// The filter chain on the server's top-N logits; returns probabilities (0 = cut).
-function samplerProbs(tokens, temperature, topK, topP, minP) {
-  const n = tokens.length;
-  const probs = new Array(n).fill(0);
-  if (n === 0) return probs;
-  if (temperature < 1e-5) {                        // greedy: all mass on the argmax
-    probs[0] = 1;                                  // tokens arrive sorted by logit
-    return probs;
-  }
-  const z = tokens.map((t) => t.logit / temperature);
-  const zmax = Math.max(...z);
-  let p = z.map((v) => Math.exp(v - zmax));
-  const keep = new Array(n).fill(true);
-  if (topK > 0) for (let i = topK; i < n; i++) keep[i] = false;   // sorted: rank i >= k is cut
-  let total = p.reduce((a, b, i) => a + (keep[i] ? b : 0), 0);
-  if (topP < 1) {                                   // smallest prefix whose mass reaches top_p
-    let cum = 0;
-    for (let i = 0; i < n; i++) {
-      if (!keep[i]) continue;
-      if (cum >= topP * total) keep[i] = false;
-      cum += p[i];
-    }
-  }
-  if (minP > 0) {
-    const pmax = p[0];
-    for (let i = 0; i < n; i++) if (p[i] < minP * pmax) keep[i] = false;
-  }
-  total = p.reduce((a, b, i) => a + (keep[i] ? b : 0), 0);
-  for (let i = 0; i < n; i++) probs[i] = keep[i] ? p[i] / total : 0;
-  return probs;
-}
-
-function entropy(probs) {
-  let h = 0;
-  for (const q of probs) if (q > 0) h -= q * Math.log(q);
-  return Math.max(0, h);
+function samplerSettings() {
+  return { temperature: parseFloat($("s-temperature").value), top_k: parseInt($("s-top-k").value, 10),
+           top_p: parseFloat($("s-top-p").value), min_p: parseFloat($("s-min-p").value) };
 }
 
 function renderSampler() {
   const d = SAMPLER.data;
   if (!d) return;
-  const probs = samplerProbs(d.tokens, parseFloat($("s-temperature").value), parseInt($("s-top-k").value, 10),
-                             parseFloat($("s-top-p").value), parseFloat($("s-min-p").value));
-  const h = entropy(probs);
+  const h = d.sampled_entropy;
   $("sampler-entropy").textContent = `${h.toFixed(3)} nats (${(h / Math.LN2).toFixed(3)} bits)`;
-  $("sampler-kept").textContent = `${probs.filter((q) => q > 0).length} of ${d.tokens.length}`;
+  $("sampler-kept").textContent = `${d.kept} of ${d.n_vocab}`;
   $("sampler-entropy-full").textContent = `${d.entropy.toFixed(3)} nats`;
   const bars = $("sampler-bars");
   bars.textContent = "";
   const shown = Math.min(25, d.tokens.length);
   for (let i = 0; i < shown; i++) {
+    const t = d.tokens[i];
     const row = document.createElement("div");
-    row.className = "bar-row" + (probs[i] > 0 ? "" : " cut");
-    row.dataset.prob = probs[i].toFixed(6);
-    row.title = `id ${d.tokens[i].id} · logit ${d.tokens[i].logit.toFixed(3)} · p(T=1) ${d.tokens[i].prob.toExponential(2)}`;
+    row.className = "bar-row" + (t.p > 0 ? "" : " cut");
+    row.dataset.prob = t.p.toFixed(6);
+    row.title = `id ${t.id} · logit ${t.logit.toFixed(3)} · p(T=1) ${t.prob.toExponential(2)}`;
     const label = document.createElement("span");
     label.className = "bar-label";
-    label.textContent = tokenLabel(d.tokens[i]);
+    label.textContent = tokenLabel(t);
     const track = document.createElement("div");
     track.className = "bar-track";
     const fill = document.createElement("div");
     fill.className = "bar-fill";
-    fill.style.width = (100 * probs[i]).toFixed(2) + "%";
+    fill.style.width = (100 * t.p).toFixed(2) + "%";
     track.append(fill);
     const pr = document.createElement("span");
     pr.className = "bar-prob";
-    pr.textContent = (100 * probs[i]).toFixed(1) + "%";
+    pr.textContent = (100 * t.p).toFixed(1) + "%";
     row.append(label, track, pr);
     bars.append(row);
   }
+  // What these bars show, for scripts and tests: the settings of the answer drawn.
+  Object.assign(bars.dataset, Object.fromEntries(Object.entries(d.settings).map(([k, v]) => [k, String(v)])));
 }
 
 async function runSampler() {
-  $("sampler-bars").textContent = "loading…";
+  const seq = ++SAMPLER.seq, settings = samplerSettings();
+  if (!SAMPLER.data) $("sampler-bars").textContent = "loading…";
   try {
-    SAMPLER.data = await postJSON("/v1/internal/next_token_distribution",
-                                  { prompt: $("sampler-prompt").value, top_n: 256 });
+    const d = await postJSON("/v1/internal/next_token_distribution",
+                             { prompt: $("sampler-prompt").value, top_n: 25, ...settings });
+    if (seq !== SAMPLER.seq) return;            // a newer request is on its way
+    SAMPLER.data = { ...d, settings };
     renderSampler();
   } catch (e) {
+    if (seq !== SAMPLER.seq) return;
     SAMPLER.data = null;
     $("sampler-bars").textContent = "error: " + e.message;
   }
+}
+
+function scheduleSampler() {
+  clearTimeout(SAMPLER.timer);
+  SAMPLER.timer = setTimeout(runSampler, 40);
 }
 
 // ---------------------------------------------------------------- token visualizer
@@ -256,13 +236,18 @@ async function runTokenize() {
     const d = await postJSON("/v1/internal/tokenize", { prompt: $("tok-input").value });
     const spans = $("tok-spans");
     spans.textContent = "";
-    d.tokens.forEach((t, i) => {
+    // One span per printable piece: a character cut across tokens (an emoji, a CJK character)
+    // is shown once, with all the ids that make it, as `lmstack tokenizer viz` does.
+    d.spans.forEach((sp, i) => {
+      const toks = d.tokens.slice(sp.first, sp.first + sp.ids.length);
       const s = document.createElement("span");
-      s.className = "tok" + (t.special ? " special" : "");
+      s.className = "tok" + (toks.some((t) => t.special) ? " special" : "") + (toks.length > 1 ? " multi" : "");
       s.style.background = PALETTE[i % PALETTE.length];
-      s.textContent = t.text;
-      s.title = `id ${t.id} · ${t.n_bytes} byte${t.n_bytes === 1 ? "" : "s"} · 0x${t.bytes}`;
-      s.dataset.id = t.id;
+      s.textContent = sp.text;
+      const nBytes = toks.reduce((a, t) => a + t.n_bytes, 0);
+      s.title = (toks.length > 1 ? `ids ${sp.ids.join(" + ")} (one character in ${toks.length} tokens)` : `id ${sp.ids[0]}`) +
+        ` · ${nBytes} byte${nBytes === 1 ? "" : "s"} · 0x${toks.map((t) => t.bytes).join(" ")}`;
+      s.dataset.id = sp.ids.join(" ");
       spans.append(s);
     });
     $("tok-ids").textContent = JSON.stringify(d.tokens.map((t) => t.id));
@@ -393,9 +378,12 @@ async function init() {
   $("chat-stop").addEventListener("click", () => CHAT.controller && CHAT.controller.abort());
   $("chat-clear").addEventListener("click", () => { CHAT.history = []; $("chat-log").textContent = ""; });
   $("sampler-run").addEventListener("click", runSampler);
-  for (const id of ["s-temperature", "s-top-k", "s-top-p", "s-min-p"]) $(id).addEventListener("input", renderSampler);
+  for (const id of ["s-temperature", "s-top-k", "s-top-p", "s-min-p"]) $(id).addEventListener("input", scheduleSampler);
   $("tok-input").addEventListener("input", () => { clearTimeout(tokTimer); tokTimer = setTimeout(runTokenize, 200); });
   $("att-run").addEventListener("click", runAttention);
+  $("att-prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); runAttention(); }
+  });
   $("att-layer").addEventListener("change", () => { ATT.layer = parseInt($("att-layer").value, 10); renderAttention(); });
   $("att-canvas").addEventListener("mousemove", hoverAttention);
   $("att-rownorm").addEventListener("change", renderAttention);
@@ -413,9 +401,23 @@ async function loadModel() {
     $("chat-max-tokens").max = MODEL.max_model_len;
     $("chat-max-tokens").value = Math.min(128, Math.floor(MODEL.max_model_len / 4));
     $("chat-max-tokens").dispatchEvent(new Event("input"));
+    await loadModelInfo();
   } catch (e) {
     $("model-info").textContent = "error: " + e.message;
   }
+}
+
+// A base model continues text; in a chat it has never learnt when to answer or stop. Say so.
+async function loadModelInfo() {
+  const r = await fetch("/v1/internal/model_info", { headers: headers() });
+  const info = r.ok ? await r.json() : { chat_tuned: null };
+  const notice = $("chat-notice");
+  notice.hidden = info.chat_tuned !== false;
+  notice.textContent = info.chat_tuned === false
+    ? `This model is not chat-tuned (${info.chat_tuned_reason}). Its replies here continue the ` +
+      "chat-formatted prompt and may ramble or never stop; finetune it for chat (lmstack finetune), " +
+      "or use the Sampler and Tokens views on plain text."
+    : "";
 }
 
 init();

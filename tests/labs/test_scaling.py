@@ -1,0 +1,32 @@
+"""Lab 13: loss against parameters and compute, a fitted power law, how small is too small."""
+import numpy as np
+import pytest
+
+from lmstack.labs.scaling import power_fit, predict
+
+
+def test_power_fit_recovers_a_known_law():
+    N = [1e3, 1e4, 1e5]
+    fit = power_fit(N, [5.0 * n ** -0.2 for n in N])
+    assert fit["a"] == pytest.approx(5.0) and fit["alpha"] == pytest.approx(0.2) and fit["r2"] == pytest.approx(1.0)
+    assert predict(fit, 1e6) == pytest.approx(5.0 * 1e6 ** -0.2)
+
+
+def test_quick_run(quick_lab, assert_page):
+    lab = quick_lab("scaling")
+    assert_page(lab)
+    n = lab["numbers"]
+    sizes = n["sizes"]
+    N = [v["params"] for v in sizes.values()]
+    L = [v["val_loss"] for v in sizes.values()]
+    assert N == sorted(N) and L == sorted(L, reverse=True)
+    fit = power_fit(N, L)
+    assert fit["alpha"] == pytest.approx(n["fit_params"]["alpha"]) and fit["alpha"] > 0 and fit["r2"] > 0.8
+    assert n["extrapolated"]["val_loss"] < min(L)
+    assert n["too_small"] == [k for k, v in sizes.items() if n["unigram_baseline"] - v["val_loss"] < 0.3]
+    assert n["too_small"] and list(sizes)[-1] not in n["too_small"]
+    for v in sizes.values():
+        assert v["train_memory_bytes"] == 16 * v["params_total"]
+        assert v["tokens"] == n["steps"] * n["batch_size"] * n["seq_len"]
+    assert np.isfinite(n["fit_compute"]["alpha"])
+    assert lab["record"]["insight"]["holds"]
