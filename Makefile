@@ -15,7 +15,7 @@ STAMP   := $(VENV)/.installed
 KDIR    := src/lmstack/kernels
 KSTAMP  := $(KDIR)/_build/.attempted
 
-.PHONY: install kernels llamacpp demo test bench clean
+.PHONY: install kernels ref llamacpp demo test bench clean
 
 install: $(STAMP) $(KSTAMP)
 
@@ -38,6 +38,12 @@ $(KSTAMP): $(STAMP) $(KDIR)/quant_linear.cpp $(KDIR)/pool.h $(KDIR)/build.py
 kernels:
 	rm -f $(KSTAMP)
 	$(MAKE) $(KSTAMP)
+
+# Optional: the heavy test references (lm-eval's HFLM, TRL's trainers); their tests skip
+# without them. torch stays pinned so pip cannot swap the build.
+ref: install
+	echo "$(TORCH)" > $(VENV)/torch-pin.txt
+	$(VPY) -m pip install -q -c $(VENV)/torch-pin.txt -e ".[ref]"
 
 # Optional: llama.cpp through llama-cpp-python, the reference that runs our GGUF exports
 # (tests/quant/test_export_llamacpp.py skips without it). It compiles llama.cpp from source

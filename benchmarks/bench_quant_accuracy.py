@@ -6,8 +6,8 @@
 
 (The speed side, tokens/s of the same formats, is bench_quant.py.)
 
-Model: the run of _tinyworld_run.py (the `tiny` preset, 4 x 256, trained 750 steps on
-tinyworld; built and cached on first use). Variants, each at group sizes 64 and 32 (the MLP's
+Model: the run of _tinyworld_run.py (the `tiny` preset, 4 x 256, 3.7M parameters, trained
+on tinyworld; built and cached on first use). Variants, each at group sizes 64 and 32 (the MLP's
 704 inputs rule out 128): RTN INT8, RTN INT4, NF4 (blocks of g), GPTQ INT4, AWQ INT4
 (calibrated on 16 x 128 training tokens), QAT INT4 (fake-quantized finetune through the
 Trainer on the training shards, `--qat-steps` at lr 5e-4, the pretraining's final lr, then
@@ -186,12 +186,13 @@ def main(argv=None) -> int:
     p.add_argument("--probe-limit", type=int, default=40, help="probes per task")
     p.add_argument("--no-kv", action="store_true", help="skip the INT8 KV-cache section")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-dir", default="runs", help="where _tinyworld_run keeps (or builds) the run")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.qat_steps, args.val_tokens, args.shks_tokens, args.probe_limit = 4, 4096, 2048, 4
     t0 = time.perf_counter()
-    run_dir, corpus = ensure_run(quick=args.quick)
+    run_dir, corpus = ensure_run(quick=args.quick, out_dir=args.out_dir)
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     base = Transformer.from_pretrained(run_dir, dtype=torch.float32).eval()
     val = np.asarray(ShardSet(run_dir / "data", "val").tokens[:args.val_tokens + 1], dtype=np.int64)
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
         rows.append(dict(method=name, g=g, val_ppl=vp, shks_ppl=sp, kl=kl, probes=acc))
         f = rows[0]
         print(f"| {name:<22} | {g:>3} | {vp:>8.3f} | {100 * (vp / f['val_ppl'] - 1):>+6.2f}% | {sp:>8.2f} | "
-              f"{100 * (sp / f['shks_ppl'] - 1):>+6.2f}% | {kl:>8.5f} | {100 * acc:>5.1f}% |", flush=True)
+              f"{100 * (sp / f['shks_ppl'] - 1):>+6.2f}% | {kl:>8.2e} | {100 * acc:>5.1f}% |", flush=True)
     fp = rows[0]["val_ppl"]
     by = {(r["method"], r["g"]): r["val_ppl"] for r in rows}
     print("\ngoals (val ppl):")

@@ -48,8 +48,10 @@ class GoldRetriever:
 
 
 def best_threshold(pos: list[float], neg: list[float]) -> float:
-    """The floor that keeps the most answerable top scores and rejects the most unanswerable."""
-    cands = sorted(set(pos) | set(neg))
+    """The floor that keeps the most answerable top scores and rejects the most unanswerable,
+    placed midway in the gap between two observed scores (not on one: a margin both ways)."""
+    xs = sorted(set(pos) | set(neg))
+    cands = [xs[0] - 1.0] + [(a + b) / 2 for a, b in zip(xs, xs[1:])] + [xs[-1] + 1.0]
     return max(cands, key=lambda t: sum(p >= t for p in pos) + sum(n < t for n in neg))
 
 

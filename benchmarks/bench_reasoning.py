@@ -45,7 +45,7 @@ def main() -> None:
     runs = [("direct", {}), ("cot", {})]
     runs += [("self_consistency", {"k": k, "temperature": args.temperature}) for k in args.k]
     runs += [("tool", {})]
-    head = f"{'strategy':<24} {'acc':>6} " + " ".join(f"{'acc ' + o:>6}" for o in ops) + \
+    head = f"{'strategy':<26} {'acc':>6} " + " ".join(f"{'acc ' + o:>6}" for o in ops) + \
         f" {'tokens/q':>9} {'ms/q':>8} {'failed':>6}"
     print(head)
     print("-" * len(head))
@@ -54,11 +54,11 @@ def main() -> None:
         s = res.summary()
         per_op = [[a.correct for a in res.attempts if a.problem.op == o] for o in ops]
         label = f"{name} (maj@{kw['k']})" if "k" in kw else name
-        print(f"{label:<24} {s['accuracy']:>6.3f} " + " ".join(f"{sum(c) / max(1, len(c)):>6.2f}" for c in per_op)
+        print(f"{label:<26} {s['accuracy']:>6.3f} " + " ".join(f"{sum(c) / max(1, len(c)):>6.2f}" for c in per_op)
               + f" {s['tokens_per_question']:>9.1f} {s['ms_per_question']:>8.1f} {s['failed']:>6}")
         if name == "tool":
             calls = [c for a in res.attempts for c in a.calls]
-            print(f"{'':<24} ({len(calls) / len(problems):.2f} calculator calls per question, "
+            print(f"{'':<26} ({len(calls) / len(problems):.2f} calculator calls per question, "
                   f"{sum(not c.ok for c in calls)} failed calls)")
     print("\nexamples (first problem):")
     p = problems[0]

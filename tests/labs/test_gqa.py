@@ -11,4 +11,6 @@ def test_quick_run(quick_lab, assert_page):
         assert row["tokens_per_s"] > 0
     assert rows["MQA"]["params"] < mha["params"]
     assert rows["MQA"]["val_loss"] > mha["val_loss"]                  # pooling loses information
+    assert "val_loss_uptrained" not in mha
+    assert rows["MQA"]["val_loss_uptrained"] < rows["MQA"]["val_loss"]   # uptraining recovers part of it
     assert lab["record"]["insight"]["holds"]

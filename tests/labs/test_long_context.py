@@ -10,7 +10,7 @@ def test_collapse_point_on_a_made_up_curve():
     p, ref = collapse_point(losses, 16, threshold=0.2)
     assert ref == 2.0 and 32 <= p <= 40                                 # the moving average rises before 40
     assert collapse_point(np.full(64, 2.0), 16)[0] is None
-    assert np.allclose(moving_average(np.arange(5.0), 2), [0.5, 0.5, 1.5, 2.5, 3.5])
+    assert np.allclose(moving_average(np.arange(5.0), 2), [0.0, 0.5, 1.5, 2.5, 3.5])   # x[i-1], x[i]
 
 
 def test_quick_run(quick_lab, assert_page):

@@ -32,7 +32,7 @@ def test_quick_run(quick_lab, assert_page):
     ent = [v["entropy"] for v in t.values()]
     assert ent == sorted(ent) and len(set(ent)) == len(ent)
     m = n["by_method"]
-    assert m["top-k 10"]["kept_tokens"] <= 10 + 1e-9                    # never more than k
+    assert 10 <= m["top-k 10"]["kept_tokens"] < 10.1                   # k (more only on a tie at the k-th logit)
     assert m["T=1 only"]["kept_tokens"] > m["top-p 0.8"]["kept_tokens"] > 1
     assert m["min-p 0.1"]["entropy"] < m["T=1 only"]["entropy"]
     assert n["engine"]["generation_tokens"] > 0

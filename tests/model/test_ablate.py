@@ -30,7 +30,8 @@ def _swap_rows(model, a: slice, b: slice):
     return m
 
 
-@pytest.mark.parametrize("kind,a,b", [("swap_qk", slice(0, 32), slice(32, 64)), ("swap_kv", slice(32, 64), slice(64, 96))])
+@pytest.mark.parametrize("kind,a,b", [("swap_qk", slice(0, 32), slice(32, 64)),   # rows [q | k | v], 32 each
+                                      ("swap_kv", slice(32, 64), slice(64, 96))])
 def test_swaps_equal_swapping_the_weight_rows(kind, a, b):
     m = _model()
     want = _swap_rows(m, a, b)(IDS)

@@ -40,14 +40,14 @@ def test_index_then_ask_prints_the_library_answer(setup, capsys):
     index = Index.load(idx)
     assert {c.doc_id for c in index.chunks} == {"bolo.txt", "sub/sami.md"} and index.encoder["layer"] == 1
     question = "where does Bolo live?"
-    assert main(["rag", "ask", str(run), str(idx), question, "--k", "2", "--max-tokens", "6"]) == 0
+    assert main(["rag", "ask", str(run), str(idx), question, "--k", "2", "--max-tokens", "6", "--mode", "hybrid"]) == 0
     out = capsys.readouterr().out.splitlines()
     llm = LLM(str(run), max_num_seqs=1)
     opts = RagAskOptions(k=2, max_tokens=6)
-    want = answer(llm, make_retriever("auto", index, llm, opts), question, k=2, max_tokens=6)
+    want = answer(llm, make_retriever("hybrid", index, llm, opts), question, k=2, max_tokens=6)
     assert out[0] == want.text
     assert len(out) == 1 + len([n for n in want.citations if 1 <= n <= len(want.hits)])
-    assert main(["rag", "ask", str(run), str(idx), question, "--bm25-min-score", "1e9", "--mode", "bm25"]) == 0
+    assert main(["rag", "ask", str(run), str(idx), question, "--bm25-min-score", "1e9"]) == 0   # auto = bm25
     assert capsys.readouterr().out.strip() == ABSTAIN
 
 

@@ -2,6 +2,8 @@
 model (it writes the byte at position p+1 of a script, so its answer is ours to choose)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lmstack.infer import LLM
@@ -134,10 +136,12 @@ def test_gold_fact_and_unanswerable_questions():
     qs = [{"prompt": Q, "answer": "Tinar", "doc_id": "kb-1"},
           {"prompt": "Q: what is the capital of Velmora?\nA: the capital of Velmora is", "answer": "Tinar",
            "doc_id": "kb-0"}]
-    out = unanswerable_questions(qs, {"Bolo", "Velmora", "Tinar"}, n=2)
+    out = unanswerable_questions(qs, {"Bolo", "Bolo's", "Velmora", "Tinar"}, n=2)   # "Bolo's": not a name
     assert len(out) == 2
     for u in out:
         assert not any(name in u["prompt"] for name in ("Bolo", "Velmora")) and u["answer"] is None
+        new = set(re.findall(r"[A-Z]\w+", u["prompt"]))          # the fresh subject, in question and prefix
+        assert len(new) == 1 and u["prompt"].count(new.pop()) == 2
 
 
 def test_evaluate_rag_counts(tok, index):

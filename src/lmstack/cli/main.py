@@ -31,6 +31,7 @@ COMMANDS = {
     "eval": "evaluate a model on tasks (generation, multiple choice, perplexity), optionally with an LLM judge",
     "rag": "retrieval-augmented generation: index documents, ask questions",
     "export": "export a run to GGUF or a Hugging Face folder",
+    "lab": "build, plot and break experiments, one command each, with figures and numbers",
 }
 
 

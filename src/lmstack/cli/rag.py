@@ -26,7 +26,9 @@ class RagIndexOptions:
                 "(without it: BM25 only, chunks counted in bytes)"})
     chunk_tokens: int = field(default=128, metadata={"help": "tokens per chunk"})
     overlap: int = field(default=32, metadata={"help": "tokens shared by neighbouring chunks"})
-    layer: int = field(default=-1, metadata={"help": "hidden-state layer mean-pooled into embeddings"})
+    layer: int = field(default=0, metadata={
+        "help": "hidden-state layer mean-pooled into embeddings (0 = token embeddings: the best recall on "
+                "tinyworld's KB, see benchmarks/bench_rag.py; -1 = last layer)"})
     seed: int = field(default=0, metadata={"help": "tinyworld seed (DOCS=tinyworld)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
 
@@ -34,10 +36,12 @@ class RagIndexOptions:
 @dataclass
 class RagAskOptions:
     mode: str = field(default="auto", metadata={
-        "help": "auto (hybrid if the index has embeddings, else bm25) | bm25 | dense | hybrid | none (closed book)"})
+        "help": "auto (= bm25: the best recall and abstention on tinyworld's KB, see benchmarks/bench_rag.py) | "
+                "bm25 | dense | hybrid (RRF of both) | none (closed book)"})
     k: int = field(default=3, metadata={"help": "chunks put in the prompt"})
-    bm25_min_score: float | None = field(default=3.0, metadata={
-        "help": "BM25 relevance floor: below it a chunk is not relevant (all below: abstain)"})
+    bm25_min_score: float | None = field(default=0.85, metadata={
+        "help": "BM25 relevance floor: below it a chunk is not relevant (all below: abstain); on tinyworld's "
+                "KB, 0.85 separates questions about known names from questions about unknown ones"})
     dense_min_score: float | None = field(default=None, metadata={"help": "cosine relevance floor (none = off)"})
     max_tokens: int = field(default=16, metadata={"help": "most tokens of the answer"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
@@ -78,7 +82,7 @@ def make_retriever(mode: str, index, llm, opts: RagAskOptions):
     if mode not in MODES:
         raise LmstackError(f"unknown --mode {mode!r}; valid: {', '.join(MODES)}")
     if mode == "auto":
-        mode = "hybrid" if index.embeddings is not None else "bm25"
+        mode = "bm25"
     if mode == "none":
         return None
     bm25 = BM25Retriever(index, opts.bm25_min_score)

@@ -5,18 +5,18 @@ are recipes/tinyworld.yaml and the defaults of all three commands). Each command
 keys it needs and skips the others with a note; a key that no command knows is an error
 that names the closest valid one.
 
-    keys                                            run    train   data build
-    DATA_KEYS  corpus, size_mb, seed, vocab_size..  yes    yes*    yes
-    TRAIN_KEYS model, model_config, max_steps, lr,  yes    yes     -
-               batch_size, seq_len, device, train_config
-    name, out_dir, stages, eval_*, probe_*, sample_*  yes  -       -
-    any TrainConfig field (warmup_steps, ...)        yes**  yes     -
-    out, tokenizer (the data dir to write, a
-               tokenizer.json to use instead of training one)  -  out  both
+    keys                                                     run   train   data build
+    DATA_KEYS: corpus, size_mb, seed, vocab_size, ...        yes   yes *   yes
+    TRAIN_KEYS: model, model_config, max_steps, batch_size,  yes   yes     -
+      seq_len, lr, device, train_config
+    name, out_dir, stages, eval_*, probe_*, sample_*         yes   -       -
+    other TrainConfig fields (warmup_steps, resume, ...)     ** -  yes     -
+    out (the directory written), tokenizer (a tokenizer      -     out     both
+      .json to use instead of training one)
 
     *  `lmstack train` builds its data from them when --data is not given.
     ** `run` reads a top-level TrainConfig field as part of `train_config`, and skips the
-       ones it decides itself (data, out, objective, resume).
+       ones the pipeline decides itself (data, out, objective, resume).
 
 `model_config` (run) and `model_overrides` (train) name the same thing; either spelling
 works for both commands, and so does `train_config: {...}` for `lmstack train`.

@@ -86,8 +86,11 @@ def _load_training_checkpoint(path: Path):
     """(model, its tokenizer.json or None) from a trainer checkpoint (train/checkpoint.py's
     layout: weights in model.safetensors, tied tensors stored once and named in state.json's
     `aliases`, the model config in its `model_config`). The tokenizer is looked for in the
-    checkpoint, its run directory (two levels up) and the data directory it was trained on,
-    and taken where its SHA-256 is the one the checkpoint records."""
+    checkpoint, its run directory (two levels up) and the data directory it was trained on.
+    The checkpoint's `tokenizer` is the file's SHA-256 (64 hex digits) when training was fed
+    batches, else the shards' encoding fingerprint, which the trainer already checked against
+    the run's tokenizer on every resume: a SHA-256 must match, a fingerprint takes the first
+    tokenizer.json found."""
     from safetensors.torch import load_file
 
     from lmstack.model import ModelConfig, build_model
@@ -113,6 +116,7 @@ def _load_training_checkpoint(path: Path):
     candidates = [path / "tokenizer.json", path.parent.parent / "tokenizer.json"]
     candidates += [Path(data) / "tokenizer.json"] if data else []
     want = meta.get("tokenizer")
+    want = want if isinstance(want, str) and len(want) == 64 else None
     found = next((c for c in candidates if c.is_file() and (want is None or
                                                             hashlib.sha256(c.read_bytes()).hexdigest() == want)), None)
     if found is None:

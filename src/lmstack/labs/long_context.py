@@ -68,7 +68,8 @@ def run(ctx: LabContext) -> LabResult:
     numbers = {"train_len": T, "eval_len": L, "window": W, "steps": steps, "threshold_nats": THRESHOLD,
                "collapse_position": {k: v for k, v in points.items()}, "in_range_loss": refs,
                "mean_loss_beyond_train_len": beyond,
-               "loss_by_quarter": {k: [float(v[i * T:(i + 1) * T].mean()) for i in range(4)] for k, v in curves.items()}}
+               "loss_by_quarter": {k: [float(v[i * T:(i + 1) * T].mean()) for i in range(4)]
+                                   for k, v in curves.items()}}
     series = {k: (list(range(L)), moving_average(v, W).tolist()) for k, v in curves.items()}
     vlines = {f"training length {T}": T}
     for k, p in points.items():

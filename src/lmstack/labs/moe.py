@@ -8,13 +8,14 @@ auxiliary loss, `Transformer.aux_loss()`); only the MLP differs:
   - 2 experts, top-1: each token uses one of two MLPs (as many FLOPs as the dense model of
     the same width). With top-1, the renormalised gate weight is always 1, so the router is
     trained only by the balancing loss;
-  - n experts, top-2 (Mixtral's routing), with the default balancing loss (coefficient
-    0.01) and without it (0).
+  - 8 experts, top-2 (Mixtral's routing), with the balancing loss (weight AUX = 0.05, five
+    times Switch's 0.01 so that it acts within a short run) and without it (0).
 FLOPs per token are `Transformer.flops_per_token` (6 x active parameters + attention). The
 dense-equivalent FLOPs of an MoE: the FLOPs at which the dense models' loss (interpolated
 linearly in log FLOPs) equals the MoE's. Utilisation: `expert_counts()` after a forward over
 held-out tokens, summarised per layer by the normalised entropy of the token shares (1 =
-perfectly even; 0 = every token on one expert).
+perfectly even; 0 = every token on one expert), and the load-balancing loss itself on those
+tokens (k when routing is even).
 """
 from __future__ import annotations
 
@@ -26,16 +27,22 @@ import torch
 from lmstack.labs import plot
 from lmstack.labs.base import Figure, Insight, LabContext, LabResult
 from lmstack.labs.toy import tiny_lm_config, tinyworld_data, train
+from lmstack.model.moe import MoE, load_balancing_loss
 
 SEQ = 32
+AUX = 0.05   # the balancing loss's weight: 5x Switch's 0.01, so that its effect shows within a short run
 
 
-def utilisation(model, held: torch.Tensor) -> np.ndarray:
-    """(n_layer, n_expert) share of routed tokens per expert on `held` (B, T)."""
+def utilisation(model, held: torch.Tensor) -> tuple[np.ndarray, float]:
+    """((n_layer, n_expert) share of routed tokens per expert on `held` (B, T), the
+    load-balancing loss n_expert * sum_e f_e P_e of that forward over all layers: k when even)."""
     with torch.no_grad():
         model(held)
     counts = model.expert_counts().double()
-    return (counts / counts.sum(1, keepdim=True)).numpy()
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    lbl = load_balancing_loss(torch.cat([m.last_logits for m in layers]), torch.cat([m.last_experts for m in layers]),
+                              model.config.n_expert)
+    return (counts / counts.sum(1, keepdim=True)).numpy(), float(lbl)
 
 
 def balance(shares: np.ndarray) -> np.ndarray:
@@ -44,43 +51,46 @@ def balance(shares: np.ndarray) -> np.ndarray:
     return ent / math.log(shares.shape[1])
 
 
-def dense_equivalent(loss: float, dense: list[tuple[float, float]]) -> tuple[float, bool]:
+def dense_equivalent(loss: float, dense: list[tuple[float, float]]) -> tuple[float | None, bool]:
     """(FLOPs at which the dense line reaches `loss`, whether that is extrapolated). dense:
-    (flops, loss) points; linear in (log FLOPs, loss) between the two bracketing points."""
+    (flops, loss) points; linear in (log FLOPs, loss) between the two bracketing points, or
+    along the last segment past them. None when the dense loss does not fall with FLOPs (a
+    short run can leave the bigger dense model no better): there is no line to read."""
     pts = sorted(dense)
+    if any(l1 >= l0 for (_, l0), (_, l1) in zip(pts, pts[1:])):
+        return None, False
     for (f0, l0), (f1, l1) in zip(pts, pts[1:]):
-        if min(l0, l1) <= loss <= max(l0, l1) and l0 != l1:
+        if l1 <= loss <= l0:
             w = (loss - l0) / (l1 - l0)
             return math.exp(math.log(f0) + w * (math.log(f1) - math.log(f0))), False
-    (f0, l0), (f1, l1) = pts[-2], pts[-1]                                  # extrapolate the last segment
-    if l1 == l0:
-        return f1, True
+    (f0, l0), (f1, l1) = pts[-2], pts[-1]
     w = (loss - l0) / (l1 - l0)
     return math.exp(math.log(f0) + w * (math.log(f1) - math.log(f0))), True
 
 
 def run(ctx: LabContext) -> LabResult:
-    steps = ctx.pick(70, 600)
-    E = ctx.pick(4, 8)
+    steps = ctx.pick(100, 600)
+    E = 8
     data = tinyworld_data(ctx.seed)
     held = torch.from_numpy(data.tokens("val")[: 64 * SEQ].reshape(64, SEQ).copy())
-    widths = ctx.pick([64, 96], [32, 64, 128])
+    widths = ctx.pick([32, 64], [32, 64, 128])
     variants = {f"dense {w}": {"n_embd": w} for w in widths}
     moe = {"2 experts, top-1": dict(n_expert=2, n_expert_per_token=1),
-           f"{E} experts, top-2": dict(n_expert=E, n_expert_per_token=2),
+           f"{E} experts, top-2": dict(n_expert=E, n_expert_per_token=2, moe_aux_loss_coef=AUX),
            f"{E} experts, top-2, no balancing loss": dict(n_expert=E, n_expert_per_token=2, moe_aux_loss_coef=0.0)}
     variants.update({k: {"n_embd": 64, **v} for k, v in moe.items()})
     res = {}
     for name, over in variants.items():
-        cfg = tiny_lm_config(data.vocab_size, context_length=SEQ, **over)
+        cfg = tiny_lm_config(data.vocab_size, context_length=SEQ, mlp="gelu", **over)
         r = train(ctx, name.replace(" ", "_").replace(",", ""), cfg, steps=steps, data=data, seq_len=SEQ,
-                  batch_size=16, lr=6e-3, eval_every=max(1, steps // 4), eval_batches=8)
+                  batch_size=ctx.pick(8, 16), lr=6e-3, eval_every=max(1, steps // 4), eval_batches=8)
         m = r.model
         res[name] = {"val_loss": r.result["val_loss"], "flops_per_token": int(m.flops_per_token(SEQ)),
                      "params": m.num_params(), "active_params": m.num_active_params(), "curve": r.curve("val")}
         if name in moe:
-            shares = utilisation(m, held)
+            shares, lbl = utilisation(m, held)
             res[name]["shares"] = shares.round(4).tolist()
+            res[name]["load_balancing_loss"] = lbl
             res[name]["balance"] = balance(shares).round(4).tolist()
             res[name]["aux_loss_coef"] = m.config.moe_aux_loss_coef
     dense_pts = [(res[k]["flops_per_token"], res[k]["val_loss"]) for k in variants if k.startswith("dense")]
@@ -88,23 +98,30 @@ def run(ctx: LabContext) -> LabResult:
         eq, extrap = dense_equivalent(res[name]["val_loss"], dense_pts)
         res[name]["dense_equivalent_flops"] = eq
         res[name]["dense_equivalent_extrapolated"] = extrap
-        res[name]["flops_saving"] = eq / res[name]["flops_per_token"]
+        res[name]["flops_saving"] = None if eq is None else eq / res[name]["flops_per_token"]
     main, noaux = f"{E} experts, top-2", f"{E} experts, top-2, no balancing loss"
     saving = res[main]["flops_saving"]
     b_on, b_off = min(res[main]["balance"]), min(res[noaux]["balance"])
-    holds = b_off < b_on - 0.05
+    lbl_on, lbl_off = res[main]["load_balancing_loss"], res[noaux]["load_balancing_loss"]
+    holds = b_off < b_on - 0.05 and lbl_off > lbl_on
     insight = Insight(
         "Without the load-balancing loss the router piles tokens onto a few experts, while the balancing loss keeps "
         "every expert in use",
         holds, f"{main}: the most uneven layer's utilisation entropy is {b_on:.2f} with the balancing loss and "
-               f"{b_off:.2f} without (1 = even; shares per layer in the figure)")
-    extrap = " (extrapolated past the dense points)" if res[main]["dense_equivalent_extrapolated"] else ""
-    notes = [f"Equal quality: {main} holds {res[main]['params']:,} parameters but computes with "
-             f"{res[main]['active_params']:,} per token; its val loss {res[main]['val_loss']:.2f} is what the dense "
-             f"line reaches at {saving:.2f}x its FLOPs per token{extrap}, so "
-             + ("the router paid off in this run." if saving > 1 else
-                "in this run the router did not pay off (short runs favour the simpler dense model; the full mode "
-                "trains longer)."),
+               f"{b_off:.2f} without (1 = even), and the load-balancing loss on held-out tokens is {lbl_on:.2f} "
+               f"against {lbl_off:.2f} (2 = perfectly even for top-2)")
+    if saving is None:
+        equal = (f"Equal quality: the dense models' loss did not fall with size in this short run, so there is no "
+                 f"dense line to read {main} off; see the full mode.")
+    else:
+        extrap = " (extrapolated past the dense points)" if res[main]["dense_equivalent_extrapolated"] else ""
+        equal = (f"Equal quality: {main} holds {res[main]['params']:,} parameters but computes with "
+                 f"{res[main]['active_params']:,} per token; its val loss {res[main]['val_loss']:.2f} is what the "
+                 f"dense line reaches at {saving:.2f}x its FLOPs per token{extrap}, so "
+                 + ("the router paid off in this run." if saving > 1 else
+                    "in this run the router did not pay off (short runs favour the simpler dense model; the full "
+                    "mode trains longer)."))
+    notes = [equal,
              "With top-1 routing the gate weight of the one chosen expert is renormalised to 1, so the language-model "
              "loss gives the router no gradient: the 2-expert router learns only from the balancing loss."]
     numbers = {"steps": steps, "seq_len": SEQ, "n_expert": E, "models": {k: {kk: vv for kk, vv in v.items()
@@ -119,7 +136,8 @@ def run(ctx: LabContext) -> LabResult:
             {k: v["curve"] for k, v in res.items()}, "val loss", "step", "loss (nats/token)",
             styles={k: "o-" for k in res})),
     ]
-    built = [f"{len(variants)} tiny tinyworld LMs (2 layers) trained {steps} steps each by the Trainer: dense at widths "
+    built = [f"{len(variants)} tiny tinyworld LMs (2 layers) trained {steps} steps each by the Trainer: dense at "
+             f"widths "
              f"{widths}, and width-64 MoE with 2 experts (top-1) and {E} experts (top-2) with and without the "
              f"load-balancing loss", "expert utilisation from Transformer.expert_counts() on held-out tokens",
              "FLOPs per token from Transformer.flops_per_token and the dense-equivalent FLOPs of each MoE"]

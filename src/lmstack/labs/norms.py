@@ -55,7 +55,7 @@ def stream_stats(model, held: torch.Tensor) -> dict:
 
 
 def run(ctx: LabContext) -> LabResult:
-    steps = ctx.pick(100, 800)
+    steps = ctx.pick(80, 800)
     data = tinyworld_data(ctx.seed)
     held = torch.from_numpy(data.tokens("val")[: 32 * SEQ].reshape(32, SEQ).copy())
     res = {}

@@ -8,7 +8,8 @@ Trainer. Then, on held-out rows:
   - attention entropy of the block, per query, divided by log(#visible keys): 1 = uniform;
   - a shuffle check that the ablation really removes position: shuffle the tokens before the
     last one and measure how much the block's output at the last position moves (with no
-    positions, attention over a set of keys cannot see their order: it must not move);
+    positions, attention over a set of keys cannot see their order: it must not move; an
+    additive scheme moves it only through the attention weights, little while they are flat);
   - an animated 3-D view of a toy sentence being position-encoded by each scheme.
 """
 from __future__ import annotations
@@ -70,7 +71,7 @@ def run(ctx: LabContext) -> LabResult:
     runs = {}
     for pe in SCHEMES:
         cfg = ModelConfig(vocab_size=VOCAB, n_layer=1, n_head=4, n_embd=32, context_length=SEQ, pos_emb=pe)
-        runs[pe] = train(ctx, pe, cfg, steps=steps, batches=TaskBatches(make, 32, ctx.seed),
+        runs[pe] = train(ctx, pe, cfg, steps=steps, batches=TaskBatches(make, ctx.pick(16, 32), ctx.seed),
                          val_batches=TaskBatches(make, 32, ctx.seed + 7919), seq_len=SEQ, lr=1.5e-2,
                          eval_every=max(1, steps // 10), eval_batches=2)
     held = val.next_batch()

@@ -65,8 +65,9 @@ _LABS = [
             "mask checked by perturbing a future token", "attention"),
     LabSpec("qkv", 4, "Q, K, V and stacking",
             "What do queries, keys and values each do, and what does a second block add?",
-            "one block against a stack on an in-context copying task, then Q and K swapped, K and V swapped and "
-            "each of Q, K, V zeroed, with the loss curves that show which breaks training", "qkv"),
+            "one block trained intact and with Q and K swapped, K and V swapped and each of Q, K, V zeroed, with "
+            "the loss curves that show which breaks training; the trained block broken afterwards; one block "
+            "against a stack on in-context copying", "qkv"),
     LabSpec("sampling", 5, "Sampling",
             "How do temperature, top-k, top-p and min-p trade diversity against repetition?",
             "entropy and distinct n-grams across temperatures, the repetition of temperature 0, and top-k / "

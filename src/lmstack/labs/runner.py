@@ -43,6 +43,11 @@ def _lab_settings():
             os.environ["LMSTACK_NO_PROGRESS"] = no_bar
 
 
+def _check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise LabError(f"seed={seed!r} must be an int >= 0")
+
+
 def _writable(out: str | os.PathLike) -> Path:
     try:
         return ensure_writable_dir(out, "choose another --out")
@@ -59,8 +64,7 @@ def run_lab(name: str, out: str | os.PathLike, *, quick: bool = False, seed: int
     message = spec.missing_message()
     if message:
         raise LabError(message)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise LabError(f"seed={seed!r} must be an int >= 0")
+    _check_seed(seed)
     out = _writable(out)
     run = spec.load()
     from lmstack.utils import seed_everything
@@ -91,8 +95,9 @@ def run_all(out: str | os.PathLike, *, quick: bool = False, seed: int = 0, names
     out/summary.json. A lab that lacks an optional dependency is marked, one that fails is
     reported; neither stops the others. Returns one entry per lab:
     {"name", "status": ok|missing|failed, "seconds", "insight" or "message"}."""
-    root = _writable(out)
+    _check_seed(seed)
     specs = [get_lab(n) for n in names] if names else list(LABS.values())
+    root = _writable(out)
     entries, gallery = [], []
     for spec in specs:
         entry = {"name": spec.name, "status": "ok", "seconds": 0.0}

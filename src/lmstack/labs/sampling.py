@@ -110,13 +110,14 @@ def run(ctx: LabContext) -> LabResult:
     entropy = [by_temp[T]["entropy"] for T in temps]
     rho = spearman(temps, distinct)
     greedy, one = by_temp[0.0], by_temp[1.0]
-    # distinct n-grams climb steeply from T=0 and then saturate (a small sample's bigram space fills
-    # up), so the test is "well above greedy", not a strict rise at every step
+    # distinct n-grams climb steeply from T=0, then level off or even dip on a small sample (a model
+    # that drifts into junk repeats its junk tokens), so the test is "well above greedy", not a rise
+    # at every step
     holds = (greedy["repetition"] > one["repetition"] + 0.05 and one["distinct_2"] > 1.5 * greedy["distinct_2"]
              and all(a < b for a, b in zip(entropy, entropy[1:])))
     insight = Insight(
-        "Temperature trades repetition for diversity: greedy decoding repeats itself, and entropy and distinct "
-        "n-grams rise with temperature until distinct n-grams saturate",
+        "Temperature trades repetition for diversity: greedy decoding repeats itself, while sampling spreads the "
+        "distribution (its entropy rises with temperature) and writes far more varied text",
         holds, f"at T=0, {greedy['repetition']:.0%} of each completion's 3-grams are repeats and distinct-2 is "
                f"{greedy['distinct_2']:.2f}; at T=1, {one['repetition']:.0%} and {one['distinct_2']:.2f}; entropy "
                f"climbs from 0 to {entropy[-1]:.2f} nats at T={temps[-1]:g} (rank correlation of distinct-2 with "

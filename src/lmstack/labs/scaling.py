@@ -1,8 +1,9 @@
-"""Lab 13: scaling laws. Tiny -> small -> medium models trained alike; loss against parameters
-and compute with a fitted power law, extrapolated; memory, throughput and wall-clock per size;
-and how small is too small.
+"""Lab 13: scaling laws. Nano -> tiny -> small -> medium (full: + large) models trained alike;
+loss against parameters and compute with a fitted power law, extrapolated; memory, throughput
+and wall-clock per size; and how small is too small.
 
-Every size sees the same tokens (same steps, batch and sequence length) through the Trainer.
+Every size (GPT-2-style blocks: GELU MLP, which learns fastest of the MLPs in runs this short)
+sees the same tokens (same steps, batch and sequence length) through the Trainer.
   N  parameters that compute (Transformer.num_params(non_embedding=True): the tied token table
      stays, it is the LM head's matmul), as in Kaplan et al. 2020;
   C  training compute = flops_per_token x tokens (6N + attention, PaLM's estimate);
@@ -26,8 +27,11 @@ from lmstack.labs.toy import tiny_lm_config, tinyworld_data, train
 
 SEQ = 32
 MARGIN = 0.3
-SIZES = {"nano": dict(n_layer=1, n_embd=4, n_head=1, mlp="gelu"), "tiny": dict(n_layer=1, n_embd=16, n_head=2, mlp="gelu"), "small": dict(n_layer=2, n_embd=32, n_head=4, mlp="gelu"),
-         "medium": dict(n_layer=2, n_embd=64, n_head=4, mlp="gelu"), "large": dict(n_layer=4, n_embd=128, n_head=4, mlp="gelu")}
+SIZES = {"nano": dict(n_layer=1, n_embd=4, n_head=1, mlp="gelu"),
+         "tiny": dict(n_layer=1, n_embd=16, n_head=2, mlp="gelu"),
+         "small": dict(n_layer=2, n_embd=32, n_head=4, mlp="gelu"),
+         "medium": dict(n_layer=2, n_embd=64, n_head=4, mlp="gelu"),
+         "large": dict(n_layer=4, n_embd=128, n_head=4, mlp="gelu")}
 
 
 def power_fit(x: list[float], y: list[float]) -> dict:
@@ -45,7 +49,7 @@ def predict(fit: dict, x: float) -> float:
 
 def run(ctx: LabContext) -> LabResult:
     names = ctx.pick(["nano", "tiny", "small", "medium"], list(SIZES))
-    steps, batch = ctx.pick(150, 1000), ctx.pick(8, 16)
+    steps, batch = ctx.pick(120, 1000), ctx.pick(8, 16)
     data = tinyworld_data(ctx.seed, size_mb=ctx.pick(0.2, 1.0))
     unigram = unigram_cross_entropy(token_counts(data.tokens("train"), data.vocab_size), data.tokens("val"))
     res = {}

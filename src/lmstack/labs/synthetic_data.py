@@ -41,7 +41,7 @@ def bits_per_byte(data, split: str = "val") -> float:
 
 def run(ctx: LabContext) -> LabResult:
     size, vocab = ctx.pick(0.2, 1.0), ctx.pick(384, 1024)
-    steps = ctx.pick(120, 800)
+    steps = ctx.pick(80, 800)
     clean = corpus_data("tinyworld", ctx.seed, size, vocab, 0.0, True)
     noisy = corpus_data("tinyworld", ctx.seed, size, vocab, NOISE, True, str(clean.dir))
     corpora = {"tinyworld (synthetic)": clean, f"tinyworld, noise {NOISE}": noisy}
@@ -84,7 +84,8 @@ def run(ctx: LabContext) -> LabResult:
     insight = Insight("Generated text is far more predictable than real text: the same model, trained alike, "
                       "compresses synthetic data much better", holds, evidence)
     numbers = {"steps": steps, "vocab_size": vocab, "noise": NOISE, "documents": doc,
-               "noise_counts": noisy.meta["noise"], "splits": {s: v["documents"] for s, v in clean.meta["splits"].items()},
+               "noise_counts": noisy.meta["noise"],
+               "splits": {s: v["documents"] for s, v in clean.meta["splits"].items()},
                "val_docs_also_in_train": leaks, "noise_cost_nats": noise_cost,
                "corpora": {k: {kk: vv for kk, vv in v.items() if kk != "curve_bpb"} for k, v in res.items()}}
     figures = [

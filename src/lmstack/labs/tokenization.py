@@ -69,7 +69,8 @@ def run(ctx: LabContext) -> LabResult:
     labels = [tok.decode([i]) for i in ids]
     trained = lm.model.wte.weight.detach()[ids]
     init = build_model(lm.model.config, ctx.seed + 1).wte.weight.detach()[ids]
-    cos = {"one-hot": np.eye(len(ids)), "learned, at init": cosine_matrix(init), "learned, trained": cosine_matrix(trained)}
+    cos = {"one-hot": np.eye(len(ids)), "learned, at init": cosine_matrix(init),
+           "learned, trained": cosine_matrix(trained)}
     groups = {k: dict(zip(("within_digits", "digits_vs_words"), group_cosines(v, len(digits)))) for k, v in cos.items()}
 
     cl, tr = bpt["cl100k split (tiktoken)"], groups["learned, trained"]

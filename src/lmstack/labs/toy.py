@@ -136,8 +136,8 @@ def position_losses(model: Transformer, tokens: np.ndarray, seq_len: int, n_rows
     rows = torch.from_numpy(tokens[: n_rows * seq_len + 1].copy())
     x = torch.stack([rows[i * seq_len:(i + 1) * seq_len] for i in range(n_rows)])
     y = torch.stack([rows[i * seq_len + 1:(i + 1) * seq_len + 1] for i in range(n_rows)])
-    logits = model(x).float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")   # (N, T)
+    nll = torch.cat([torch.nn.functional.cross_entropy(model(xb).float().transpose(1, 2), yb, reduction="none")
+                     for xb, yb in zip(x.split(64), y.split(64))])                         # (N, T), 64 rows a forward
     return nll.mean(0).numpy()
 
 
@@ -152,7 +152,7 @@ def _tiny_lm(seed: int, quick: bool, work: str) -> tuple[TrainRun, TinyData]:
     data = tinyworld_data(seed)
     ctx = LabContext(quick=quick, seed=seed, work=Path(work))
     run = train(ctx, "tiny-lm", tiny_lm_config(data.vocab_size), steps=ctx.pick(150, 600), data=data,
-                seq_len=64, batch_size=16, lr=ctx.pick(6e-3, 3e-3), eval_every=ctx.pick(50, 100))
+                seq_len=64, batch_size=ctx.pick(8, 16), lr=ctx.pick(6e-3, 3e-3), eval_every=ctx.pick(50, 100))
     return run, data
 
 

@@ -77,9 +77,12 @@ def pretrain(run: Run) -> dict:
     cfg = train_config_for(o, data=str(run.data_dir), out=str(run.dir), resume=latest is not None)
     on_sample = _sampler(run) if cfg.sample_every else None
     result = Trainer(cfg, on_sample=on_sample).fit()
-    return {"params": result["num_params"], "steps": result["steps"], "tokens": result["tokens"],
-            "tokens_per_s": result["tokens_per_s"], "train_loss": result["train_loss"],
-            "trainer_val_loss": result["val_loss"], "resumed_from": result["resumed_from"]}
+    numbers = {"params": result["num_params"], "steps": result["steps"], "tokens": result["tokens"],
+               "tokens_per_s": result["tokens_per_s"], "train_loss": result["train_loss"],
+               "trainer_val_loss": result["val_loss"]}
+    if result["resumed_from"] is not None:
+        numbers["resumed_from"] = result["resumed_from"]
+    return numbers
 
 
 def _sampler(run: Run, n_prompts: int = 3):

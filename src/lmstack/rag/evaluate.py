@@ -60,10 +60,11 @@ def unanswerable_questions(questions: list[dict], known_names: set[str], n: int,
     from lmstack.data.tinyworld_world import NameMaker
 
     rng = random.Random(f"rag-unanswerable:{seed}")
+    known = sorted(w for w in known_names if re.fullmatch(r"\w+", w))    # names, not "Bolo's" or "Tinar."
     names = NameMaker(rng, set(known_names))
     out = []
     for q in rng.sample(questions, min(n, len(questions))):
-        found = [w for w in sorted(known_names) if re.search(rf"(?<!\w){re.escape(w)}(?!\w)", q["prompt"])]
+        found = [w for w in known if re.search(rf"(?<!\w){re.escape(w)}(?!\w)", q["prompt"])]
         if not found:
             continue
         subject = max(found, key=len)          # 'Bolo' must not match inside 'Bolokan'
