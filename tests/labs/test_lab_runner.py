@@ -84,6 +84,9 @@ def test_unwritable_output_is_a_clear_error(stand_ins, tmp_path):
         run_lab("fake-ok", blocker / "sub")
     with pytest.raises(LabError, match="seed"):
         run_lab("fake-ok", tmp_path / "ok", seed=-1)
+    with pytest.raises(LabError, match="seed"):
+        run_all(tmp_path / "gallery", seed=-1, names=["fake-ok"])
+    assert not (tmp_path / "ok").exists() and not (tmp_path / "gallery").exists()   # refused before writing
 
 
 def test_lab_folder_and_page(stand_ins, tmp_path):
