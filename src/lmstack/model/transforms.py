@@ -19,11 +19,12 @@ engine, which sits below finetune/ and quant/, can load any transformed run.
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
+from lmstack.model.weights_io import inside
 from lmstack.utils import LmstackError
 
 REBUILDERS: dict[str, Callable[[nn.Module, dict], None]] = {}
@@ -83,11 +84,9 @@ def apply_transforms(model: nn.Module, records, source: str = "config.json") -> 
 
 def transform_file(folder: Path, record: dict, where: str = "config.json") -> Path:
     """The extra tensor file a record names, inside `folder` (never outside it)."""
-    name = record["file"]
-    if not isinstance(name, str) or not name:
-        raise TransformError(f"{where}: transform {record['kind']!r} has file={name!r}; expected a file name")
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or "\\" in name:
-        raise TransformError(f"{where}: transform {record['kind']!r} names file {name!r} outside the model "
-                             f"folder; only relative paths inside it are allowed")
-    return folder / p
+    try:
+        return inside(folder, record["file"], f"{where}: transform {record['kind']!r} file")
+    except TransformError:
+        raise
+    except LmstackError as e:
+        raise TransformError(str(e)) from None
