@@ -12,9 +12,9 @@ sees the same tokens (same steps, batch and sequence length) through the Trainer
      largest N. The same against C;
   memory  what training holds per parameter in float32 with AdamW: weights, gradients and two
      moments, 16 bytes;
-  too small  a model whose loss is not at least MARGIN nats under the unigram baseline (the
-     loss of predicting every token from its frequency alone, lmstack.eval.unigram) has not
-     learned to use its context.
+  too small  the unigram baseline is the loss of predicting every token from its frequency
+     alone (lmstack.eval.unigram); what a model gains below it comes from using context. A size
+     that gains less than SHARE of what the largest size gains is too small to use its context.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from lmstack.labs.base import Figure, Insight, LabContext, LabResult
 from lmstack.labs.toy import tiny_lm_config, tinyworld_data, train
 
 SEQ = 32
-MARGIN = 0.3
+SHARE = 0.5
 SIZES = {"nano": dict(n_layer=1, n_embd=4, n_head=1, mlp="gelu"),
          "tiny": dict(n_layer=1, n_embd=16, n_head=2, mlp="gelu"),
          "small": dict(n_layer=2, n_embd=32, n_head=4, mlp="gelu"),
@@ -69,7 +69,10 @@ def run(ctx: LabContext) -> LabResult:
     L = [res[k]["val_loss"] for k in names]
     fit_n, fit_c = power_fit(N, L), power_fit(C, L)
     n_next = 10 * N[-1]
-    too_small = [k for k in names if res[k]["beats_unigram_by"] < MARGIN]
+    best_gain = res[names[-1]]["beats_unigram_by"]
+    for k in names:
+        res[k]["share_of_largest_gain"] = res[k]["beats_unigram_by"] / best_gain
+    too_small = [k for k in names if res[k]["share_of_largest_gain"] < SHARE]
     holds = (fit_n["alpha"] > 0 and fit_n["r2"] > 0.8 and all(a > b for a, b in zip(L, L[1:]))
              and bool(too_small) and names[-1] not in too_small)
     insight = Insight(
@@ -78,11 +81,11 @@ def run(ctx: LabContext) -> LabResult:
         holds, f"L = {fit_n['a']:.2f} N^-{fit_n['alpha']:.3f} (R^2 {fit_n['r2']:.2f}) over N = "
                f"{', '.join(f'{x:,}' for x in N)}, extrapolating to {predict(fit_n, n_next):.2f} at {n_next:,}; "
                f"against compute, alpha {fit_c['alpha']:.3f} (R^2 {fit_c['r2']:.2f}); the unigram baseline is "
-               f"{unigram:.2f} and " + (f"{', '.join(too_small)} beat{'s' if len(too_small) == 1 else ''} it by less "
-                                        f"than {MARGIN} nats: too small" if too_small else
-                                        f"every size beats it by at least {MARGIN} nats"))
+               f"{unigram:.2f} and " + (f"{', '.join(too_small)} gain{'s' if len(too_small) == 1 else ''} less than "
+                                        f"{SHARE:.0%} of what {names[-1]} gains below it: too small" if too_small
+                                        else f"every size gains at least {SHARE:.0%} of what {names[-1]} gains"))
     numbers = {"steps": steps, "batch_size": batch, "seq_len": SEQ, "unigram_baseline": unigram,
-               "too_small_margin_nats": MARGIN, "too_small": too_small,
+               "too_small_share": SHARE, "too_small": too_small,
                "sizes": {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in res.items()},
                "fit_params": fit_n, "fit_compute": fit_c,
                "extrapolated": {"params": n_next, "val_loss": predict(fit_n, n_next)}}
