@@ -46,9 +46,9 @@ def stand_ins(monkeypatch):
     return specs
 
 
-def test_table_lists_the_built_labs_only():
+def test_table_lists_every_lab():
     numbers = [s.number for s in LABS.values()]
-    assert numbers == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 16]          # 12, 14, 15 come with their library parts
+    assert numbers == list(range(1, 17))
     assert get_lab("3") is LABS["attention"] and get_lab("kv-cache").module == "kv_cache"
     for s in LABS.values():
         assert s.question.endswith("?") and s.shows and "matplotlib" in s.requires
@@ -66,6 +66,7 @@ def test_missing_dependency_says_which_and_what_it_would_show(stand_ins, tmp_pat
         run_lab("fake-missing", tmp_path / "x")
     assert not (tmp_path / "x").exists()                                  # refused before any work
     assert "tiktoken" in LABS["tokenization"].requires
+    assert {"transformers", "llama_cpp"} <= set(LABS["stacks"].requires)
 
 
 def test_missing_extra_names_the_pip_command(stand_ins, monkeypatch):
@@ -73,6 +74,19 @@ def test_missing_extra_names_the_pip_command(stand_ins, monkeypatch):
     monkeypatch.setitem(registry.EXTRAS, "no_such_module_for_labs", "plots")
     assert "pip install 'lmstack[plots]'" in stand_ins["fake-missing"].missing_message()
     assert stand_ins["fake-ok"].missing_message() is None
+
+
+def test_without_llama_cpp_the_stacks_lab_says_so_and_the_gallery_marks_it(monkeypatch, tmp_path):
+    real = registry.importlib.util.find_spec
+    monkeypatch.setattr(registry.importlib.util, "find_spec", lambda m: None if m == "llama_cpp" else real(m))
+    msg = LABS["stacks"].missing_message()
+    assert msg.startswith("lab 'stacks' needs llama_cpp (pip install 'lmstack[llamacpp]'); it would show: ")
+    assert "llama.cpp" in msg and "the same greedy tokens" in msg
+    with pytest.raises(LabError, match="needs llama_cpp"):
+        run_lab("stacks", tmp_path / "stacks")
+    entries = run_all(tmp_path / "gallery", quick=True, names=["stacks"])
+    assert entries[0]["status"] == "missing"
+    assert "missing dependency" in (tmp_path / "gallery" / "index.html").read_text()
 
 
 def test_unwritable_output_is_a_clear_error(stand_ins, tmp_path):

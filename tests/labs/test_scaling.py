@@ -28,6 +28,10 @@ def test_quick_run(quick_lab, assert_page):
     assert n["too_small"] and list(sizes)[-1] not in n["too_small"]
     for v in sizes.values():
         assert v["train_memory_bytes"] == 16 * v["params_total"]
+        ranks = {m: {int(w): b for w, b in d.items()} for m, d in v["per_rank_bytes"].items()}
+        assert all(ranks[m][1] == v["train_memory_bytes"] for m in ranks)        # one rank holds everything
+        assert ranks["ddp"][8] == v["train_memory_bytes"] and ranks["zero3"][8] == v["train_memory_bytes"] / 8
+        assert ranks["zero3"][4] < ranks["zero2"][4] < ranks["zero1"][4] < ranks["ddp"][4]
         assert v["tokens"] == n["steps"] * n["batch_size"] * n["seq_len"]
     assert np.isfinite(n["fit_compute"]["alpha"])
     assert lab["record"]["insight"]["holds"]

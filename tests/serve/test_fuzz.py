@@ -5,8 +5,9 @@ invalid bodies, against the real server:
 - a request the spec allows must be accepted (positive_data_acceptance, ST202): the spec
   may not promise more than the server does. The spec is the one the running server
   publishes, with its model's limits (n, max_tokens, token ids) filled in. The one
-  refusal exempted is a prompt too long in tokens (codes TOKEN_COUNT_CODES): JSON Schema
-  counts characters, the model counts tokens;
+  refusals exempted (codes SCHEMA_BLIND_CODES) are a prompt too long in tokens (JSON Schema
+  counts characters, the model counts tokens) and a chat's tool turns that do not fit
+  together (arguments that are not JSON, an answer to no call);
 - a request the spec forbids must be refused (negative_data_rejection).
 
 Bounded: a few examples per operation; generation lengths are capped (`_bound`) so that a
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import negative_data_rejection, not_a_server_error, positive_data_acceptance
 
 from lmstack.serve.app import create_app
-from lmstack.serve.protocol import LIMIT, TOKEN_COUNT_CODES, publish_limits
+from lmstack.serve.protocol import LIMIT, SCHEMA_BLIND_CODES, publish_limits
 from tests.serve.conftest import CONTEXT, MAX_N, train_tokenizer
 
 # The spec the session server publishes (checked below), built before it starts: the
@@ -49,7 +50,7 @@ def _bound(body):
 
 def _counts_tokens(response) -> bool:
     try:
-        return response.json()["error"]["code"] in TOKEN_COUNT_CODES
+        return response.json()["error"]["code"] in SCHEMA_BLIND_CODES
     except (ValueError, KeyError, TypeError):
         return False
 

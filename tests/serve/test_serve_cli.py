@@ -63,3 +63,15 @@ def test_serve_rejects_bad_model_dirs_in_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 1          # exists, but holds no model
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "config.json" in err
+
+
+def test_serve_production_flags_fail_in_one_line(run_dir, tmp_path, capsys):
+    cases = [(["--log-requests", str(tmp_path / "r.jsonl"), "--shadow", str(tmp_path / "nope")],
+              "--shadow " + str(tmp_path / "nope") + ": model directory not found"),
+             (["--shadow", str(run_dir)], "give log_path (--log-requests)"),
+             (["--ab-model", str(run_dir)], "needs both the B model and a percentage"),
+             (["--log-requests", str(tmp_path / "r.jsonl"), "--log-sample", "2"], "sample must be a number in [0, 1.0]")]
+    for flags, needle in cases:
+        assert main(["serve", str(run_dir), *flags]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and needle in err, err

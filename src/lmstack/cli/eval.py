@@ -6,6 +6,7 @@
     lmstack eval --endpoint http://127.0.0.1:8000 --data runs/tiny/data --tasks facts --chat
     lmstack eval runs/tiny --tasks facts --judge runs/judge --judge-mode loglikelihood
     lmstack eval runs/a --compare runs/b --judge http://127.0.0.1:8000 --tasks facts
+    lmstack eval compare logs/requests.jsonl --judge runs/judge --window 3600   # a server's log
 
 Tasks are versioned YAML templates (built-in names, NAME:VARIANT, or a path to a YAML
 file); a run directory's data (RUN/data: held-out probes and validation documents) is used
@@ -16,9 +17,14 @@ variant, its metrics, and every failed example with its reason.
 --judge grades each generation task's answers with another model (rubric: judge_single.yaml)
 and reports its agreement with exact match; with --compare OTHER it judges the two models'
 answers pairwise, in both orders (judge_pairwise.yaml), and reports the consistency rate.
+
+`lmstack eval compare LOG` reads the request log of `lmstack serve --log-requests`: primary
+against shadow answers and A/B arms (length, abstention, judge preference with --judge),
+and drift of the inputs between --window-second windows (lmstack.eval.compare_production).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,6 +58,10 @@ class EvalOptions:
     batch_size: int = field(default=32, metadata={"help": "requests per engine batch"})
     api_key: str | None = field(default=None, metadata={"help": "Bearer key for --endpoint / URL models"})
     kv_cache_tokens: int | None = field(default=None, metadata={"help": "engine: KV-cache capacity in tokens"})
+    window: float | None = field(default=None, metadata={"help": "eval compare: drift window in seconds; none = "
+                                                                  "the log's two halves"})
+    drift_alpha: float = field(default=0.01, metadata={"help": "eval compare: KS p-value below which a window "
+                                                               "has drifted"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16; none = as saved"})
 
@@ -60,7 +70,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model on tasks (generation, multiple choice, perplexity), "
                                            "optionally with an LLM judge", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default=None, metavar="RUN_DIR|HF_DIR",
-                   help="run directory or Hugging Face checkpoint folder (or give --endpoint)")
+                   help="run directory or Hugging Face checkpoint folder (or give --endpoint); "
+                        "'compare LOG' compares a server's request log")
+    p.add_argument("log", nargs="?", default=None, metavar="LOG", help=argparse.SUPPRESS)
     add_options(p, EvalOptions, recipe=False)
     p.set_defaults(func=handler)
 
@@ -93,6 +105,10 @@ def handler(args) -> int:
     from lmstack.eval import evaluate, format_table
 
     opts: EvalOptions = build_options(EvalOptions, args)
+    if args.model == "compare" and args.log is not None:
+        return compare_handler(args.log, opts)
+    if args.log is not None:
+        raise LmstackError(f"unexpected argument {args.log!r}: give one model (or 'compare LOG')")
     if (args.model is None) == (opts.endpoint is None):
         raise LmstackError("give a model directory or --endpoint URL (exactly one)")
     if opts.compare and not opts.judge:
@@ -124,6 +140,26 @@ def handler(args) -> int:
     print(format_table(report))
     for line in _judge_lines(report):
         print(line)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def compare_handler(log_path: str, opts: EvalOptions) -> int:
+    """`lmstack eval compare LOG`: print the comparison, write it as JSON (--out)."""
+    from lmstack.eval.compare_production import compare_log, format_compare
+
+    judge = None
+    if opts.judge:
+        from lmstack.eval import Judge
+        judge = Judge(_open(opts.judge, opts), opts.judge_template or "pairwise", mode=opts.judge_mode,
+                      chat=opts.chat)
+        if judge.template.kind != "pairwise":
+            raise LmstackError(f"judge template {judge.template.path} is {judge.template.kind}; comparing two "
+                               "models' answers needs a pairwise one")
+    report = compare_log(log_path, judge=judge, window_s=opts.window, alpha=opts.drift_alpha, limit=opts.limit)
+    out = Path(opts.out) if opts.out else Path(log_path).with_suffix(".compare.json")
+    atomic_write_json(out, report)
+    print("\n".join(format_compare(report)))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

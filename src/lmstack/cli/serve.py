@@ -4,6 +4,9 @@
     lmstack serve runs/tiny --port 9000 --api-key sk-local --max-n 4
     lmstack serve hf/qwen2-0.5b --chat-template chatml.jinja    # replace the folder's template
     lmstack serve runs/base --lora sql=adapters/sql --lora chat=adapters/chat   # several LoRA adapters
+    lmstack serve runs/a --log-requests logs/req.jsonl --log-sample 0.1 --shadow runs/b   # then:
+    lmstack eval compare logs/req.jsonl
+    lmstack serve runs/a --log-requests logs/req.jsonl --ab-model runs/b --ab-percent 20
 
 With --lora, clients pick an adapter by its name in the request's `model` field (the base
 keeps its own name); /v1/models lists them all. Each folder is a PEFT adapter for this base
@@ -12,6 +15,12 @@ keeps its own name); /v1/models lists them all. Each folder is a PEFT adapter fo
 Chat requests are rendered by the folder's own Jinja chat template (tokenizer_config.json
 or chat_template.jinja, as Hugging Face checkpoints ship it), by --chat-template FILE in
 its place, or, for lmstack run directories, by lmstack's template.
+
+Evaluation in production (opt-in; lmstack.serve.production): --log-requests appends the
+sampled requests and answers to a JSONL file; --shadow answers them too with another model,
+logged and never returned; --ab-model answers --ab-percent of the requests (split by a hash
+of the client's X-Request-Id, so a retry lands on the same model). Both extra models must
+share the served model's tokenizer.
 
 Binds to loopback unless --host says otherwise; a non-loopback host without --api-key
 gets a warning, because anyone who can reach the port can then use the model.
@@ -51,6 +60,14 @@ class ServeOptions:
     enable_prefix_caching: bool = field(default=True, metadata={"help": "engine: reuse KV blocks of shared "
                                                                          "prompt prefixes"})
     lora: list[str] | None = field(default=None, metadata={"cli": False, "help": "LoRA adapters as NAME=DIR"})
+    log_requests: str | None = field(default=None, metadata={"help": "append requests and answers to this "
+                                                                      "JSONL file (opt-in request log)"})
+    log_sample: float = field(default=1.0, metadata={"help": "fraction of requests logged (by a hash of their id)"})
+    shadow: str | None = field(default=None, metadata={"help": "model folder that also answers the logged "
+                                                               "requests; its answers are logged, not returned"})
+    ab_model: str | None = field(default=None, metadata={"help": "model folder that answers --ab-percent of "
+                                                                 "the requests (an A/B split)"})
+    ab_percent: float = field(default=0.0, metadata={"help": "percentage of requests answered by --ab-model"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
 
@@ -92,6 +109,19 @@ def engine_kwargs(opts: ServeOptions) -> dict:
             "enable_prefix_caching": opts.enable_prefix_caching, "device": opts.device}
 
 
+def _production(opts: ServeOptions):
+    """The request log / shadow / A/B settings, or None when no flag asks for them."""
+    if opts.log_requests is None and opts.shadow is None and opts.ab_model is None and not opts.ab_percent:
+        return None
+    from lmstack.serve.production import Production
+
+    for flag, path in (("--shadow", opts.shadow), ("--ab-model", opts.ab_model)):
+        if path is not None and not Path(path).is_dir():
+            raise LmstackError(f"{flag} {path}: model directory not found")
+    return Production(opts.log_requests, sample=opts.log_sample, shadow=opts.shadow, ab=opts.ab_model,
+                      ab_percent=opts.ab_percent)
+
+
 def handler(args) -> int:
     opts: ServeOptions = build_options(ServeOptions, args)
     model_dir = Path(args.model)
@@ -122,8 +152,12 @@ def handler(args) -> int:
     # a bad directory, adapter or template is a one-line error.
     try:
         template = ChatTemplate.from_pretrained(model_dir, opts.chat_template)
+        production = _production(opts)
         engine = AsyncLLM(str(model_dir), lora=lora, **engine_kwargs(opts))
-        app = create_app(engine, api_key=opts.api_key, max_n=min(opts.max_n, opts.max_num_seqs),
+        if production is not None:      # build and check the extra models now: errors are one line
+            production.start(engine, engine_kwargs(opts))
+        app = create_app(engine, production=production, engine_kwargs=engine_kwargs(opts),
+                         api_key=opts.api_key, max_n=min(opts.max_n, opts.max_num_seqs),
                          max_body_bytes=opts.max_body_bytes, served_model_name=served_name,
                          max_attention_tokens=opts.max_attention_tokens,
                          max_tokenize_tokens=opts.max_tokenize_tokens, chat_template=template)

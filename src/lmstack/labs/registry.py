@@ -2,8 +2,7 @@
 
 Reading the table imports nothing heavy (no torch, no matplotlib), so `lmstack lab list` is
 instant and a lab whose optional dependency is missing can still say what it would show.
-Numbers follow the issue that planned the labs; the ones not listed (12 finetuning/RLHF, 14
-quantization, 15 stacks) come when their library parts do.
+Numbers follow the issue that planned the labs.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from lmstack.utils import LmstackError
 
 # optional module -> the lmstack extra that installs it
-EXTRAS = {"matplotlib": "plots", "tiktoken": "hf"}
+EXTRAS = {"matplotlib": "plots", "tiktoken": "hf", "transformers": "hf", "llama_cpp": "llamacpp"}
 
 
 class LabError(LmstackError):
@@ -96,10 +95,27 @@ _LABS = [
             "What do masked, causal and prefix LM learn from the same data?",
             "masked, causal and prefix LM trained by the one Trainer on the same tokens: loss curves, the share "
             "of positions that carry a loss, and what each model writes or fills in", "objectives"),
+    LabSpec("finetuning", 12, "Finetuning, instruction tuning and RLHF",
+            "What does each stage after pretraining change: plain finetuning, instruction tuning, RLHF?",
+            "one pretrained model finetuned on plain text, instruction-tuned on prompt/answer chats, and then "
+            "trained by a tiny PPO loop against a reward model: loss on each stage's data, exact answers, the "
+            "reward and KL against PPO steps, and what each model writes on the same fixed prompts", "finetuning"),
     LabSpec("scaling", 13, "Scaling laws",
             "How does loss fall with parameters and compute, and how small is too small?",
             "tiny to medium models trained alike: loss against parameters and compute with a fitted, "
             "extrapolated power law, plus memory, throughput and wall-clock per size", "scaling"),
+    LabSpec("quantization", 14, "Quantization",
+            "How many bits does a weight need, and does training through the rounding help?",
+            "held-out loss and agreement with the float model at 16, 8, 4 and 3 bits, post-training quantization "
+            "against quantization-aware training (and against the same training in float), and GGUF files "
+            "(f32, f16, q8_0, q4_0) with their sizes and llama.cpp's loss on each (when llama-cpp-python is "
+            "installed)", "quantization"),
+    LabSpec("stacks", 15, "Stacks",
+            "Does one model run the same in our engine, transformers and llama.cpp, and at what cost?",
+            "one model run by lmstack's engine, by transformers (exported as a Hugging Face folder) and by "
+            "llama.cpp (exported as GGUF): the same greedy tokens checked, latency per token at batch 1, "
+            "throughput over a batch of prompts, and memory, side by side", "stacks",
+            ("matplotlib", "transformers", "llama_cpp")),
     LabSpec("synthetic-data", 16, "Synthetic data",
             "How does generated data compare with real text, and what does noise cost?",
             "tinyworld generated, noised, deduplicated and split by lmstack.data; learning curves of synthetic "

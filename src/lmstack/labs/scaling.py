@@ -12,6 +12,12 @@ sees the same tokens (same steps, batch and sequence length) through the Trainer
      largest N. The same against C;
   memory  what training holds per parameter in float32 with AdamW: weights, gradients and two
      moments, 16 bytes;
+  memory per rank  the same 16 bytes split over W data-parallel ranks as the ZeRO paper's stages
+     do (Rajbhandari et al. 2020; `lmstack train --distributed ddp|zero1|zero2|zero3`): DDP
+     holds all of it on every rank, ZeRO-1 shards the AdamW moments (4 + 4 + 8/W bytes per
+     parameter), ZeRO-2 the gradients too (4 + 12/W), ZeRO-3 / FSDP the weights as well (16/W).
+     These are the formulas, not a measurement; benchmarks/bench_parallel.py measures what each
+     rank holds in 2 and 4 processes against them;
   too small  the unigram baseline is the loss of predicting every token from its frequency
      alone (lmstack.eval.unigram); what a model gains below it comes from using context. A size
      that gains less than SHARE of what the largest size gains is too small to use its context.
@@ -32,6 +38,16 @@ SIZES = {"nano": dict(n_layer=1, n_embd=4, n_head=1, mlp="gelu"),
          "small": dict(n_layer=2, n_embd=32, n_head=4, mlp="gelu"),
          "medium": dict(n_layer=2, n_embd=64, n_head=4, mlp="gelu"),
          "large": dict(n_layer=4, n_embd=128, n_head=4, mlp="gelu")}
+
+
+RANKS = (1, 2, 4, 8)
+ZERO = {"ddp": lambda W: 16.0, "zero1": lambda W: 8 + 8 / W, "zero2": lambda W: 4 + 12 / W,
+        "zero3": lambda W: 16 / W}     # bytes per parameter per rank (fp32 weights, gradients, AdamW moments)
+
+
+def per_rank_bytes(params: int) -> dict[str, dict[int, float]]:
+    """Training memory per rank for each data-parallel mode and world size (ZERO's formulas)."""
+    return {mode: {W: f(W) * params for W in RANKS} for mode, f in ZERO.items()}
 
 
 def power_fit(x: list[float], y: list[float]) -> dict:
@@ -61,7 +77,8 @@ def run(ctx: LabContext) -> LabResult:
         tokens = r.result["tokens"]
         res[name] = {"params": n, "params_total": m.num_params(), "val_loss": r.result["val_loss"],
                      "compute_flops": float(m.flops_per_token(SEQ)) * tokens, "tokens": tokens,
-                     "train_memory_bytes": 16 * m.num_params(), "tokens_per_s": r.result["tokens_per_s"],
+                     "train_memory_bytes": 16 * m.num_params(), "per_rank_bytes": per_rank_bytes(m.num_params()),
+                     "tokens_per_s": r.result["tokens_per_s"],
                      "wall_clock_s": r.result["elapsed_s"], "beats_unigram_by": unigram - r.result["val_loss"],
                      "curve": r.curve("val")}
     N = [res[k]["params"] for k in names]
@@ -96,6 +113,9 @@ def run(ctx: LabContext) -> LabResult:
                png=_fit_png(C, L, fit_c, 10 * C[-1], "training FLOPs C", unigram, names)),
         Figure("cost", "Per size: training memory (weights, gradients, AdamW moments), throughput, wall-clock",
                png=_cost_png(res, names)),
+        Figure("memory_per_rank", "Training memory per rank when the largest size is trained on 1-8 data-parallel "
+               "ranks: DDP, ZeRO-1, ZeRO-2, ZeRO-3 (the ZeRO paper's formulas)", png=_ranks_png(res[names[-1]],
+                                                                                                names[-1])),
         Figure("curves", "Val loss during training, per size", png=plot.curves_png(
             {k: res[k]["curve"] for k in names}, "training curves", "step", "loss (nats/token)",
             styles={k: "o-" for k in names}, hlines={"unigram baseline": unigram})),
@@ -136,3 +156,9 @@ def _cost_png(res: dict, names: list[str]) -> bytes:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     return plot.to_png(fig)
+
+
+def _ranks_png(size: dict, name: str) -> bytes:
+    series = {mode: (list(RANKS), [size["per_rank_bytes"][mode][W] / 1024 for W in RANKS]) for mode in ZERO}
+    return plot.curves_png(series, f"training memory per rank, {name} ({size['params_total']:,} parameters)",
+                           "data-parallel ranks W", "KiB per rank", logx=True, styles={m: "o-" for m in ZERO})

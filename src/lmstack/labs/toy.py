@@ -126,19 +126,43 @@ def train(ctx: LabContext, name: str, model: torch.nn.Module | ModelConfig, *, s
     return TrainRun(trained, result, read_metrics(ctx.work / name / "metrics.jsonl"))
 
 
-@torch.no_grad()
-def position_losses(model: Transformer, tokens: np.ndarray, seq_len: int, n_rows: int) -> np.ndarray:
-    """(seq_len,) mean next-token loss at each position over `n_rows` consecutive windows of
-    `tokens` (a 1-D id stream)."""
+def windows(tokens: np.ndarray, seq_len: int, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y), each (N, seq_len): the first N = min(n_rows, what fits) consecutive windows of a 1-D
+    id stream and their next-token targets."""
     n_rows = min(n_rows, (len(tokens) - 1) // seq_len)
     if n_rows < 1:
         raise ValueError(f"{len(tokens)} tokens are fewer than one window of {seq_len + 1}")
     rows = torch.from_numpy(tokens[: n_rows * seq_len + 1].copy())
     x = torch.stack([rows[i * seq_len:(i + 1) * seq_len] for i in range(n_rows)])
     y = torch.stack([rows[i * seq_len + 1:(i + 1) * seq_len + 1] for i in range(n_rows)])
+    return x, y
+
+
+@torch.no_grad()
+def position_losses(model: Transformer, tokens: np.ndarray, seq_len: int, n_rows: int) -> np.ndarray:
+    """(seq_len,) mean next-token loss at each position over `n_rows` consecutive windows of
+    `tokens` (a 1-D id stream)."""
+    x, y = windows(tokens, seq_len, n_rows)
     nll = torch.cat([torch.nn.functional.cross_entropy(model(xb).float().transpose(1, 2), yb, reduction="none")
                      for xb, yb in zip(x.split(64), y.split(64))])                         # (N, T), 64 rows a forward
     return nll.mean(0).numpy()
+
+
+@torch.no_grad()
+def next_token_scores(model, tokens: np.ndarray, seq_len: int, n_rows: int) -> dict:
+    """Next-token loss and top-1 accuracy of `model` over `n_rows` consecutive windows of
+    `tokens`: {"loss", "acc", "argmax" ((N, seq_len) int64 array of the top-1 predictions)}."""
+    x, y = windows(tokens, seq_len, n_rows)
+    was = model.training
+    model.eval()
+    nll, top = [], []
+    for xb, yb in zip(x.split(64), y.split(64)):
+        logits = model(xb).float()
+        nll.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), yb, reduction="none"))
+        top.append(logits.argmax(-1))
+    model.train(was)
+    nll_t, top_t = torch.cat(nll), torch.cat(top)
+    return {"loss": float(nll_t.mean()), "acc": float((top_t == y).float().mean()), "argmax": top_t.numpy()}
 
 
 def tiny_lm_config(vocab_size: int, context_length: int = 128, **over) -> ModelConfig:

@@ -5,9 +5,10 @@
 
 Files: protocol.py (request/response shapes, the published schema), convert.py (requests ->
 prompt ids and SamplingParams, outputs -> OpenAI shapes), api.py (/v1 endpoints),
-generation.py (one request's engine work: streaming, failures, disconnects), dashboard.py
-(endpoints the page uses), metrics.py (Prometheus text), errors.py (OpenAI error shape),
-app.py (wiring), static/ (the dashboard: plain HTML, CSS and JavaScript). Chat templates
+generation.py (one request's engine work: streaming, failures, disconnects), tools.py
+(tool calls in and out of chat), production.py (request log, shadow model, A/B split),
+dashboard.py (endpoints the page uses), metrics.py (Prometheus text), errors.py (OpenAI
+error shape), app.py (wiring), static/ (the dashboard: plain HTML, CSS and JavaScript). Chat templates
 (lmstack's own, or a checkpoint's Jinja) live in lmstack.tokenizer.
 """
 

@@ -12,12 +12,18 @@ outputs are turned into either one JSON response or a stream of server-sent even
     ...
     data: [DONE]\\n\\n
 
-Streaming, failures and disconnects are handled in generation.py.
+Streaming, failures and disconnects are handled in generation.py; tool calls (chat `tools`
+in, `tool_calls` out) in tools.py. /v1/completions with `echo` and `logprobs` also returns
+the prompt's log-probs (first one null), and `max_tokens: 0` with `echo` scores the prompt
+alone, as lm-eval's OpenAI backend asks. When the server has a `Production` (production.py),
+`route` picks each request's A/B arm from its key (header X-Request-Id, echoed back with
+X-Lmstack-Arm), and a logged request is also sent to the shadow model.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +31,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from lmstack.serve import convert
-from lmstack.serve import generation
+from lmstack.serve import generation, tools
 from lmstack.serve.errors import APIError
 from lmstack.serve.metrics import ServerMetrics
 from lmstack.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -42,6 +48,7 @@ class ServeState:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     chat_template: Any = None        # lmstack.tokenizer.chat_template.ChatTemplate, or None
     lora_names: list[str] = field(default_factory=list)   # LoRA adapters served over the base
+    production: Any = None           # production.Production: request log, shadow, A/B split; or None
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -81,6 +88,48 @@ async def _encode_all(s: ServeState, prompts: list) -> list[list[int]]:
     return out
 
 
+@dataclass
+class Route:
+    """Where one request goes (see production.py): its key, A/B arm, engine, log entry."""
+    key: str
+    arm: str
+    engine: Any
+    model: str                       # the name the log gives the answering model
+    entry: dict | None               # the log record's request fields; None = not logged
+
+
+def route(s: ServeState, request: Request, lora: str | None, endpoint: str) -> Route:
+    key = request.headers.get("x-request-id") or uuid.uuid4().hex
+    prod = s.production
+    arm = prod.arm(key) if prod is not None and lora is None else "a"
+    engine = prod.engines["b"] if arm == "b" else s.engine
+    model = prod.names["b"] if arm == "b" else (lora or s.model_name)
+    entry = {"key": key, "endpoint": endpoint, "arm": arm} if prod is not None and prod.logged(key) else None
+    return Route(key, arm, engine, model, entry)
+
+
+def log_request(s: ServeState, r: Route, run: generation.Run, fields: dict) -> None:
+    """Start the shadow now; `log_answer` writes the primary's record when it is done."""
+    if r.entry is None:
+        return
+    r.entry.update(fields, prompt_tokens=sum(len(p) for p in run.prompts))
+    s.production.shadow(r.entry, run.prompts, run.params)
+
+
+def log_answer(s: ServeState, r: Route, run: generation.Run) -> None:
+    if r.entry is not None:
+        s.production.record(r.entry, "primary", r.model, [ch.sent_text for ch in run.choices],
+                            [ch.finish_reason for ch in run.choices], sum(ch.sent_tokens for ch in run.choices),
+                            time.perf_counter() - run.t0)
+
+
+def with_route(response, r: Route, s: ServeState):
+    response.headers["x-request-id"] = r.key
+    if s.production is not None and "b" in s.production.engines:
+        response.headers["x-lmstack-arm"] = r.arm
+    return response
+
+
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_stream_doc(CompletionResponse))
 async def completions(body: CompletionRequest, request: Request):
     t0 = time.perf_counter()
@@ -92,15 +141,24 @@ async def completions(body: CompletionRequest, request: Request):
     if body.best_of not in (None, 1):
         raise APIError(400, "best_of other than 1 is not supported (no extra candidates); drop best_of",
                        param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs is not supported (no prompt log-probs); drop one", param="echo")
-    prompts = await _encode_all(s, convert.completion_prompts(body, s.tokenizer, s.limits))
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens=0 generates nothing: it is only for echo=true (scoring the prompt); "
+                            "set max_tokens >= 1", param="max_tokens")
+    raw_prompts = convert.completion_prompts(body, s.tokenizer, s.limits)
+    prompts = await _encode_all(s, raw_prompts)
+    # echo with logprobs scores the prompt too; max_tokens=0 generates nothing: the engine
+    # still runs one step (its prefill scores the prompt) and that token is dropped.
+    score_prompt = body.echo and body.logprobs is not None
+    prompt_only = body.max_tokens == 0
     # Each prompt gets its own max_tokens (default: the rest of its context).
-    params = [convert.sampling_params(body, convert.resolve_max_tokens(body.max_tokens, len(ids), s.limits,
-                                                                       "max_tokens"),
-                                      s.limits, logprobs=body.logprobs) for ids in prompts]
+    params = [convert.sampling_params(body, 1 if prompt_only else convert.resolve_max_tokens(
+                  body.max_tokens, len(ids), s.limits, "max_tokens"), s.limits, logprobs=body.logprobs,
+                  prompt_logprobs=body.logprobs if score_prompt else None) for ids in prompts]
     s.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
-    run = generation.Run(s, prompts, params, body.n, t0, lora)
+    r = route(s, request, lora, "/v1/completions")
+    run = generation.Run(s, prompts, params, body.n, t0, lora, engine=r.engine)
+    texts_in = [p if isinstance(p, str) else s.tokenizer.decode(p) for p in raw_prompts] if r.entry else []
+    log_request(s, r, run, {"input": "\n".join(texts_in), "prompt": texts_in})
     echo_text = [s.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
     cid, created = f"cmpl-{run.request_ids[0][:24]}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -110,23 +168,46 @@ async def completions(body: CompletionRequest, request: Request):
             return None
         return convert.completion_logprobs(s.tokenizer, ids, lps, body.logprobs, offset)
 
+    def echo_logprobs(i: int):
+        """The echoed prompt's logprobs object (choice i), or None without them."""
+        if not score_prompt:
+            return None
+        p = i // body.n
+        return logprobs_obj(prompts[p], getattr(run.final[p], "prompt_logprobs", None), 0)
+
+    def usage() -> dict:
+        u = run.usage()
+        if prompt_only:
+            u.update(completion_tokens=0, total_tokens=u["prompt_tokens"])
+        return u
+
     if body.stream:
         async def chunks():
             head = {"id": cid, "object": "text_completion", "created": created, "model": model}
             if include_usage:
                 head["usage"] = None
-            if body.echo:
+            echoed = set()
+            if body.echo and not score_prompt:      # known before the engine runs
                 for i in range(len(run.choices)):
+                    echoed.add(i)
                     yield generation.sse({**head, "choices": [{"index": i, "text": echo_text[i // body.n],
-                                                     "logprobs": None, "finish_reason": None}]})
+                                                               "logprobs": None, "finish_reason": None}]})
             async for idx, delta, ids, lps, finish in run.events():
+                if body.echo and idx not in echoed:   # its prompt's log-probs exist once it has run
+                    echoed.add(idx)
+                    yield generation.sse({**head, "choices": [{"index": idx, "text": echo_text[idx // body.n],
+                                                               "logprobs": echo_logprobs(idx), "finish_reason": None}]})
+                if prompt_only:
+                    delta, ids, lps = "", [], []
                 offset = len(echo_text[idx // body.n]) + len(run.choices[idx].sent_text) - len(delta)
-                yield generation.sse({**head, "choices": [{"index": idx, "text": delta, "finish_reason": finish,
-                                                 "logprobs": logprobs_obj(ids, lps, offset)}]})
+                if delta or ids or finish is not None:
+                    yield generation.sse({**head, "choices": [{"index": idx, "text": delta, "finish_reason": finish,
+                                                               "logprobs": logprobs_obj(ids, lps, offset)}]})
             if include_usage:
-                yield generation.sse({**head, "choices": [], "usage": run.usage()})
+                yield generation.sse({**head, "choices": [], "usage": usage()})
+            log_answer(s, r, run)
         await generation.start_stream(request, run)
-        return generation.event_stream(run, chunks(), "/v1/completions")
+        return with_route(generation.event_stream(run, chunks(), "/v1/completions"), r, s)
 
     texts = [""] * len(run.choices)
     ids_all: list[list[int]] = [[] for _ in run.choices]
@@ -135,21 +216,22 @@ async def completions(body: CompletionRequest, request: Request):
     choices = []
     for i, ch in enumerate(run.choices):
         prefix = echo_text[i // body.n]
-        choices.append({"index": i, "text": prefix + texts[i], "finish_reason": ch.finish_reason,
-                        "logprobs": logprobs_obj(ids_all[i], lps_all[i], len(prefix))})
-    return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model,
-                         "choices": choices, "usage": run.usage()})
+        text, ids, lps = ("", [], []) if prompt_only else (texts[i], ids_all[i], lps_all[i])
+        lp = logprobs_obj(ids, lps, len(prefix))
+        head = echo_logprobs(i)
+        if head is not None:
+            lp = {key: head[key] + lp[key] for key in lp}
+        choices.append({"index": i, "text": prefix + text, "finish_reason": ch.finish_reason, "logprobs": lp})
+    log_answer(s, r, run)
+    return with_route(JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                                    "choices": choices, "usage": usage()}), r, s)
 
 
 def _refuse_unsupported(body: ChatCompletionRequest) -> None:
-    """Features this server does not have yet get a 400, never a 200 that silently ignores them."""
-    for name in ("tools", "functions"):
-        if getattr(body, name):
-            raise APIError(400, f"{name} are not supported by this server yet (it cannot make tool calls); "
-                                f"drop {name}", param=name)
-    if body.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, f"tool_choice={body.tool_choice!r} is not supported (there are no tools to call); "
-                            f"drop tool_choice", param="tool_choice")
+    """Features this server does not have get a 400, never a 200 that silently ignores them."""
+    if body.functions:
+        raise APIError(400, "functions (the legacy form of tools) are not supported; send them as tools: "
+                            "[{\"type\": \"function\", \"function\": {...}}]", param="functions")
     fmt = body.response_format
     if fmt is not None and fmt.get("type") != "text":
         raise APIError(400, f"response_format type {fmt.get('type')!r} is not supported by this server yet (no "
@@ -167,7 +249,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
     _refuse_unsupported(body)
-    ids = await asyncio.to_thread(convert.chat_prompt_ids, body.messages, s.tokenizer, s.chat_template)
+    tool_defs = tools.active_tools(body)
+    ids = await asyncio.to_thread(convert.chat_prompt_ids, body.messages, s.tokenizer, s.chat_template,
+                                  [t.model_dump(exclude_none=True) for t in body.tools or []])
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if body.max_tokens is not None and body.max_tokens >= s.limits.context_length:   # shadowed, still checked
@@ -177,11 +261,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     max_tokens = convert.resolve_max_tokens(requested, len(ids), s.limits, param)
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = convert.sampling_params(body, max_tokens, s.limits, logprobs=k,
-                                     stop_token_ids=convert.chat_stop_token_ids(s.tokenizer, s.chat_template))
+                                     stop_token_ids=convert.chat_stop_token_ids(s.tokenizer, s.chat_template),
+                                     extra_stop=tools.stop_strings(tool_defs) if tool_defs else None)
     s.metrics.prompt_tokens.inc(len(ids))
-    run = generation.Run(s, [ids], [params], body.n, t0, lora)
+    r = route(s, request, lora, "/v1/chat/completions")
+    run = generation.Run(s, [ids], [params], body.n, t0, lora, engine=r.engine)
+    if r.entry is not None:
+        log_request(s, r, run, {"input": "\n".join(m.text() for m in body.messages if m.role in ("user", "tool")),
+                                "messages": [m.model_dump(exclude_none=True) for m in body.messages]})
     cid, created = f"chatcmpl-{run.request_ids[0][:24]}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    parsers = [tools.ToolParser(tool_defs, f"call_{run.request_ids[0][:12]}_{i}_") if tool_defs else None
+               for i in range(body.n)]
 
     def logprobs_obj(tids, lps):
         return None if k is None else convert.chat_logprobs(s.tokenizer, tids, lps, k)
@@ -191,27 +282,46 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
             if include_usage:
                 head["usage"] = None
+
+            def chunk(idx, delta, finish=None, lp=None):
+                return generation.sse({**head, "choices": [{"index": idx, "delta": delta, "logprobs": lp,
+                                                            "finish_reason": finish}]})
             for i in range(body.n):
-                yield generation.sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})
+                yield chunk(i, {"role": "assistant", "content": ""})
             async for idx, delta, tids, lps, finish in run.events():
+                parser = parsers[idx]
+                if parser is not None:
+                    delta = parser.feed(delta)
                 if delta or tids:
-                    yield generation.sse({**head, "choices": [{"index": idx, "delta": {"content": delta},
-                                                     "logprobs": logprobs_obj(tids, lps), "finish_reason": None}]})
-                if finish is not None:
-                    yield generation.sse({**head, "choices": [{"index": idx, "delta": {}, "logprobs": None,
-                                                     "finish_reason": finish}]})
+                    yield chunk(idx, {"content": delta}, lp=logprobs_obj(tids, lps))
+                if finish is None:
+                    continue
+                if parser is not None:
+                    rest, _, calls = parser.finish(run.stop_reason(idx))
+                    if rest:
+                        yield chunk(idx, {"content": rest})
+                    if calls:
+                        yield chunk(idx, {"tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]})
+                        finish = "tool_calls"
+                yield chunk(idx, {}, finish)
             if include_usage:
                 yield generation.sse({**head, "choices": [], "usage": run.usage()})
+            log_answer(s, r, run)
         await generation.start_stream(request, run)
-        return generation.event_stream(run, chunks(), "/v1/chat/completions")
+        return with_route(generation.event_stream(run, chunks(), "/v1/chat/completions"), r, s)
 
     texts = [""] * body.n
     ids_all: list[list[int]] = [[] for _ in range(body.n)]
     lps_all: list[list] = [[] for _ in range(body.n)]
     await generation.collect(request, run, texts, ids_all, lps_all)
-    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                "logprobs": logprobs_obj(ids_all[i], lps_all[i]), "finish_reason": ch.finish_reason}
-               for i, ch in enumerate(run.choices)]
-    return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                         "choices": choices, "usage": run.usage()})
+    choices = []
+    for i, ch in enumerate(run.choices):
+        message, finish = {"role": "assistant", "content": texts[i]}, ch.finish_reason
+        if parsers[i] is not None:
+            parsers[i].text = texts[i]
+            message, finish = tools.message(parsers[i], run.stop_reason(i), finish)
+        choices.append({"index": i, "message": message, "logprobs": logprobs_obj(ids_all[i], lps_all[i]),
+                        "finish_reason": finish})
+    log_answer(s, r, run)
+    return with_route(JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                                    "choices": choices, "usage": run.usage()}), r, s)

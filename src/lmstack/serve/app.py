@@ -144,13 +144,15 @@ def create_app(engine_or_path: Any, *, api_key: str | None = None, max_n: int = 
                max_body_bytes: int = 1 << 20, served_model_name: str | None = None,
                max_attention_tokens: int = 64, max_tokenize_tokens: int = 8192,
                chat_template: Any = None, engine_kwargs: dict | None = None,
-               lora: dict | None = None) -> FastAPI:
+               lora: dict | None = None, production: Any = None) -> FastAPI:
     """Build the app. `engine_or_path`: a run dir / HF dir (an AsyncLLM is built at startup
     with `engine_kwargs` and the LoRA adapters `lora` = {name: PEFT folder}; a folder that does
     not fit fails the startup, before the server listens), or an engine object with
     AsyncLLM's methods (used as is, serving the adapters in its `lora_names`).
     `chat_template`: a `ChatTemplate` for /v1/chat/completions; by default a folder's own
-    (tokenizer_config.json), else lmstack's template when the tokenizer has its tokens."""
+    (tokenizer_config.json), else lmstack's template when the tokenizer has its tokens.
+    `production`: a `lmstack.serve.production.Production` (request log, shadow model, A/B
+    split); its extra models are built (from folders) and checked at startup."""
     if max_n < 1 or max_body_bytes < 1024 or max_tokenize_tokens < 1:
         raise ValueError(f"max_n and max_tokenize_tokens must be >= 1 and max_body_bytes >= 1024, got {max_n}, "
                          f"{max_tokenize_tokens} and {max_body_bytes}")
@@ -181,13 +183,18 @@ def create_app(engine_or_path: Any, *, api_key: str | None = None, max_n: int = 
         batch = (engine_kwargs or {}).get("max_num_seqs", 64) if owned else max_n
         limits = Limits(context_length=_context_length(engine.model), n_vocab=int(tokenizer.n_vocab),
                         max_n=min(max_n, batch))
+        if production is not None:
+            production.start(engine, engine_kwargs)
         app.state.lm = api.ServeState(engine=engine, tokenizer=tokenizer, model_name=name, limits=limits,
-                                      metrics=metrics, chat_template=chat_template, lora_names=lora_names)
+                                      metrics=metrics, chat_template=chat_template, lora_names=lora_names,
+                                      production=production)
         log.info("serving %s (context %d, vocab %d)%s", name, limits.context_length, limits.n_vocab,
                  f" with LoRA adapters {lora_names}" if lora_names else "")
         try:
             yield
         finally:
+            if production is not None:
+                await production.stop()
             if owned:
                 await engine.shutdown()
 

@@ -16,8 +16,6 @@ from lmstack.serve.protocol import MAX_PROMPTS_PER_REQUEST, ChatMessage, Complet
 # chat_stop_token_ids is re-exported: api.py calls convert.chat_stop_token_ids
 from lmstack.tokenizer.chat_template import NoChatTemplate, chat_stop_token_ids, encode_chat  # noqa: F401
 
-# OpenAI's "developer" is the "system" of the templates models were trained with.
-_ROLE_ALIASES = {"developer": "system"}
 NO_TEMPLATE = ("this model has no chat template: its folder has no 'chat_template' (tokenizer_config.json or "
                "chat_template.jinja) and its tokenizer lacks lmstack's chat tokens; restart the server with "
                "--chat-template FILE (a Jinja chat template, as Hugging Face checkpoints ship), or send the "
@@ -69,14 +67,18 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, allowed_special="all")
 
 
-def chat_prompt_ids(messages: list[ChatMessage], tokenizer, template=None) -> list[int]:
+def chat_prompt_ids(messages: list[ChatMessage], tokenizer, template=None,
+                    tools: list[dict] | None = None) -> list[int]:
     """The prompt ids for `messages`, ending with the assistant's turn to speak: rendered by
     `template` (a ChatTemplate: the checkpoint's Jinja or --chat-template) when there is one,
     else by lmstack's own template (our run directories); see `encode_chat`. Text parts are
-    joined into one string, as text-only templates expect."""
-    plain = [{"role": _ROLE_ALIASES.get(m.role, m.role), "content": m.text(), "name": m.name} for m in messages]
+    joined into one string, as text-only templates expect; tool calls and tool answers are
+    written as tools.py says, and `tools` reach a Jinja template."""
+    from lmstack.serve.tools import template_messages
+
+    plain = template_messages(messages, jinja=template is not None)
     try:
-        return encode_chat(plain, tokenizer, template)
+        return encode_chat(plain, tokenizer, template, tools=tools)
     except NoChatTemplate:
         raise APIError(400, NO_TEMPLATE, param="messages", code="no_chat_template") from None
     except (ValueError, KeyError) as e:
@@ -100,12 +102,17 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, limits: Limits, p
 
 
 def sampling_params(req: _SamplingRequest, max_tokens: int, limits: Limits, *, logprobs: int | None,
-                    stop_token_ids: list[int] | None = None):
+                    stop_token_ids: list[int] | None = None, extra_stop: list[str] | None = None,
+                    prompt_logprobs: int | None = None):
+    """SamplingParams for a request; `extra_stop`: the server's own stop strings (tool tags),
+    after the client's; `prompt_logprobs`: score the prompt's tokens (completions' echo)."""
     from lmstack.infer import SamplingParams  # the engine is a floor below; import where used
 
     if req.n > limits.max_n:
         raise APIError(400, f"n={req.n} is above this server's limit of {limits.max_n}; lower n "
                             "(or start the server with a larger --max-n)", param="n")
+    stop = req.stop_list() or []
+    stop += [t for t in extra_stop or [] if t not in stop]
     try:
         return SamplingParams(
             n=req.n,
@@ -117,11 +124,12 @@ def sampling_params(req: _SamplingRequest, max_tokens: int, limits: Limits, *, l
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty,
             seed=req.seed,
-            stop=req.stop_list(),
+            stop=stop or None,
             stop_token_ids=stop_token_ids,
             ignore_eos=req.ignore_eos,
             max_tokens=max_tokens,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except (ValueError, TypeError) as e:
         raise APIError(400, f"invalid sampling parameters: {e}") from None
@@ -153,14 +161,21 @@ def _ranked(entry: dict, k: int) -> list[tuple[int, Any]]:
 
 def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict] | None, k: int,
                         text_offset: int) -> dict:
-    """OpenAI legacy completions shape; `top_logprobs[i]` holds the top k plus the sampled token."""
+    """OpenAI legacy completions shape; `top_logprobs[i]` holds the top k plus the sampled token.
+    An entry None (a prompt's first token: nothing predicts it) gives null log-probs."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     if logprobs is None:
         return out
     offset = text_offset
     for tid, entry in zip(token_ids, logprobs):
-        text = token_text(tokenizer, tid, entry.get(tid))
+        text = token_text(tokenizer, tid, entry.get(tid) if entry is not None else None)
         out["tokens"].append(text)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            continue
         out["token_logprobs"].append(_lp_value(entry[tid]) if tid in entry else None)
         top = {token_text(tokenizer, t, lp): _lp_value(lp) for t, lp in _ranked(entry, k)}
         if tid in entry:

@@ -81,10 +81,13 @@ class _Choice:
 class Run:
     """One HTTP request's engine work: one engine request per prompt, merged in arrival order."""
 
-    def __init__(self, state, prompts: list[list[int]], params: list, n: int, t0: float, lora: str | None = None):
+    def __init__(self, state, prompts: list[list[int]], params: list, n: int, t0: float, lora: str | None = None,
+                 engine=None):
         # state: api.ServeState (engine, metrics); params: one SamplingParams per prompt; lora:
-        # the LoRA adapter every prompt runs with (None = the base)
+        # the LoRA adapter every prompt runs with (None = the base); engine: another engine
+        # than state.engine (an A/B split's B model)
         self.state, self.prompts, self.params, self.n, self.t0 = state, prompts, params, n, t0
+        self.engine = engine if engine is not None else state.engine
         # only passed when set: an engine serving no adapters need not know the argument
         self._lora = {"lora_request": lora} if lora is not None else {}
         base = uuid.uuid4().hex
@@ -97,7 +100,7 @@ class Run:
         self._first: tuple | None = None
 
     async def _outputs(self) -> AsyncIterator[tuple[int, Any]]:
-        engine = self.state.engine
+        engine = self.engine
         if len(self.prompts) == 1:
             async for out in engine.generate(self.prompts[0], self.params[0], self.request_ids[0], **self._lora):
                 yield 0, out
@@ -191,10 +194,16 @@ class Run:
         # Shielded: this runs while Starlette is cancelling the stream of a departed client.
         with anyio.CancelScope(shield=True):
             for rid in list(self.unfinished):
-                await self.state.engine.abort(rid)
+                await self.engine.abort(rid)
                 if client_gone:
                     self.state.metrics.aborted.inc()
             self.unfinished.clear()
+
+    def stop_reason(self, idx: int):
+        """The stop string (or token id) choice `idx` ended on; None for another ending."""
+        out = self.final[idx // self.n]
+        comp = next((c for c in getattr(out, "outputs", []) if c.index == idx % self.n), None)
+        return getattr(comp, "stop_reason", None)
 
     def usage(self) -> dict:
         prompt = sum(len(ids) for ids in self.prompts)

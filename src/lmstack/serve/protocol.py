@@ -27,8 +27,13 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 MAX_SEED = 2**53 - 1
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_STOP = 16
+MAX_TOOLS = 128
 # Error codes of refusals that count tokens, which a JSON Schema cannot express.
 TOKEN_COUNT_CODES = ("context_length_exceeded", "too_many_tokens")
+# Refusals of what a JSON Schema cannot say about a chat: two tools of one name, a tool call's
+# `arguments` string that is not a JSON object, a tool message answering no call of the chat.
+TOOL_CODES = ("invalid_tool_call", "duplicate_tool_name")
+SCHEMA_BLIND_CODES = TOKEN_COUNT_CODES + TOOL_CODES
 LIMIT = "x-lmstack-limit"   # schema marker: this integer's maximum is known once a model is loaded
 
 
@@ -123,17 +128,23 @@ _Batch = Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)
 
 
 class CompletionRequest(_SamplingRequest):
-    # echo repeats the prompt, whose log-probs the engine does not compute.
+    # max_tokens=0 only scores the prompt (echo: its tokens and, with logprobs, their
+    # log-probs, the first one null), as lm-eval's OpenAI backend and OpenAI's legacy API do.
     model_config = ConfigDict(json_schema_extra={
-        "if": {"properties": {"echo": {"const": True}}, "required": ["echo"]},
-        "then": {"properties": {"logprobs": {"type": "null"}}}})
+        "if": {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]},
+        "then": {"properties": {"echo": {"const": True}}, "required": ["echo"]}})
+
+    max_tokens: integer(ge=0, json_schema_extra=_limited("max_tokens")) | None = Field(
+        None, description="Tokens to generate; default: the rest of the context. 0 (with echo) scores the "
+                          "prompt only.")
 
     prompt: (NonEmptyText | Annotated[list[NonEmptyText], _Batch] | Annotated[list[TokenId], Field(min_length=1)]
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], _Batch]) = Field(
         ..., description=f"Text, a batch of texts, token ids, or a batch of token-id lists (at most "
                          f"{MAX_PROMPTS_PER_REQUEST} prompts).")
-    logprobs: integer(ge=0, le=20) | None = Field(None, description="Return this many top log-probs per token.")
-    echo: bool = False
+    logprobs: integer(ge=0, le=20) | None = Field(None, description="Return this many top log-probs per token "
+                                                  "(with echo, for the prompt's tokens too).")
+    echo: bool = False     # max_tokens=0 without echo: refused in api.py (the schema's if/then)
     # Refused with a message of their own in api.py; the schema states the same bounds.
     best_of: integer(json_schema_extra={"minimum": 1, "maximum": 1}) | None = Field(
         None, description="Only 1: extra candidates are not supported.")
@@ -146,20 +157,58 @@ class TextPart(_Strict):
     text: Text
 
 
-class ChatMessage(_Strict):
-    # Only an assistant turn may omit its content (OpenAI: when it carried tool calls).
-    model_config = ConfigDict(json_schema_extra={
-        "if": {"properties": {"role": {"const": "assistant"}}},
-        "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
-    role: Literal["system", "developer", "user", "assistant"]
+
+class FunctionDef(_Strict):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments object.")
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionCall(_Strict):
+    name: FunctionName
+    arguments: Text = Field(..., description="The arguments as a JSON object, in a string (as OpenAI sends them).")
+
+
+class ToolCall(_Strict):
+    id: NonEmptyText
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    # Only an assistant turn may omit its content (when it carried tool calls); only an
+    # assistant turn carries tool_calls; a tool turn answers one call, named by tool_call_id.
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"role": {"const": "assistant"}}},
+         "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}},
+                                                          "tool_calls": {"type": "null"}}}},
+        {"if": {"properties": {"role": {"const": "tool"}}},
+         "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}},
+         "else": {"properties": {"tool_call_id": {"type": "null"}}}}]})
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
+    tool_call_id: NonEmptyText | None = None
 
     @model_validator(mode="after")
     def _needs_content(self):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content'")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message cannot carry 'tool_calls' (only an assistant message can)")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs 'tool_call_id' (the id of the call it answers)"
+                             if self.role == "tool" else f"a {self.role} message cannot carry 'tool_call_id'")
         return self
 
     def text(self) -> str:
@@ -179,15 +228,15 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: integer(ge=0, le=20) | None = Field(None, description="Needs logprobs: true.")
     max_completion_tokens: integer(ge=1, json_schema_extra=_limited("max_tokens")) | None = None
-    # Not supported yet, and refused rather than ignored (a client would take plain text for a
-    # tool call or for JSON): api.py answers 400 with a message of its own; the schema states
-    # the same bounds.
-    tools: list[dict[str, Any]] | None = Field(None, json_schema_extra={"maxItems": 0},
-                                               description="Not supported yet (no tool calls): only an empty list.")
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = Field(
+        None, description="Functions the model may call; its calls come back as `tool_calls`.")
+    # Not supported, and refused rather than ignored: api.py answers 400 with a message of its
+    # own; the schema states the same bounds.
     functions: list[dict[str, Any]] | None = Field(None, json_schema_extra={"maxItems": 0},
-                                                   description="Not supported (legacy tools): only an empty list.")
+                                                   description="Not supported (legacy; use tools): only an empty list.")
     tool_choice: Any = Field(None, json_schema_extra={"enum": ["none", "auto", None]},
-                             description="Only 'none' or 'auto' (there are no tools to call).")
+                             description="'auto' (default with tools) or 'none' (no calls parsed); the server "
+                                         "cannot force a call ('required' or a named function).")
     response_format: dict[str, Any] | None = Field(
         None, json_schema_extra={"properties": {"type": {"const": "text"}}, "required": ["type"]},
         description='Only {"type": "text"}: no JSON mode or JSON schema (constrained decoding) yet.')
@@ -243,16 +292,28 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -172,14 +172,17 @@ class ChatTemplate:
 
 
 def encode_chat(messages: list[dict], tokenizer, template: ChatTemplate | None = None,
-                add_generation_prompt: bool = True) -> list[int]:
+                add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
     """Prompt ids for `messages` ({"role", "content"} dicts): rendered by `template` when there
     is one (its text holds every control token, so specials are honoured, as transformers
-    does), else by lmstack's own template, which needs the tokenizer's chat tokens."""
+    does), else by lmstack's own template, which needs the tokenizer's chat tokens.
+    `tools` (OpenAI tool definitions) reach a Jinja template as its `tools` variable; lmstack's
+    own template has no place for them (the caller writes tool turns as text)."""
     from lmstack.tokenizer.chat import has_chat_tokens
 
     if template is not None:
-        return tokenizer.encode(template.render(messages, add_generation_prompt=add_generation_prompt),
+        extra = {"tools": tools} if tools else {}
+        return tokenizer.encode(template.render(messages, add_generation_prompt=add_generation_prompt, **extra),
                                 allowed_special="all")
     if not has_chat_tokens(tokenizer):
         raise NoChatTemplate("this model has no chat template: no Jinja template came with it and its tokenizer "
