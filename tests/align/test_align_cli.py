@@ -34,13 +34,14 @@ def test_every_command_end_to_end(run_dir, tmp_path, capsys):
             samples = json.loads((out / "samples.json").read_text())
             assert len(samples) == 2 and {"prompt", "before", "after"} <= set(samples[0])
     grpo = read(tmp_path / "grpo" / "metrics.jsonl")
+    first = lambda rows: next(r for r in rows if r["split"] == "train")               # noqa: E731
     assert {"reward", "reward_exact_answer", "reward_integer_format", "kl", "clip_frac", "completion_len"} <= \
-        set(grpo[0])
-    assert [r["step"] for r in grpo if r["split"] == "sample"] == [2]                  # held-out exact match
+        set(first(grpo))
+    assert [r["step"] for r in grpo if r["split"] == "sample"] == [0, 2]               # held-out exact match
     ppo = read(tmp_path / "ppo" / "metrics.jsonl")
-    assert {"score", "kl", "value_loss", "policy_loss"} <= set(ppo[0])
+    assert {"score", "kl", "kl_coef", "value_loss", "policy_loss"} <= set(first(ppo))
     dpo = read(tmp_path / "dpo" / "metrics.jsonl")
-    assert [r["step"] for r in dpo if r["split"] == "val"] == [2, 3]
+    assert [r["step"] for r in dpo if r["split"] == "val"] == [0, 2, 3]                # step 0: the start model
     from lmstack.infer import LLM, SamplingParams
     out = LLM(str(tmp_path / "grpo")).generate(["Q: what is 2+3?\nA: 2+3="], SamplingParams(max_tokens=3))
     assert out[0].outputs[0].token_ids                                              # the engine loads the result
@@ -50,7 +51,11 @@ def test_recipe_and_unknown_flags(run_dir, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("format: plain\nmax_steps: 1\nn_train: 16\nn_eval: 8\nbatch_size: 4\nbeta: 0.2\n")
     assert main(["align", "dpo", str(run_dir), "--out", str(tmp_path / "d"), "--recipe", str(recipe)]) == 0
-    assert json.loads((tmp_path / "d" / "summary.json").read_text())["config"]["beta"] == 0.2
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["config"]["beta"] == 0.2
+    start = read(tmp_path / "d" / "metrics.jsonl")[0]             # the starting model's held-out line, step 0
+    assert start == {"step": 0, "split": "val", **summary["before"]}
+    assert (tmp_path / "d" / "tokenizer.json").read_bytes() == (run_dir / "tokenizer.json").read_bytes()
     with pytest.raises(SystemExit):
         main(["align", "dpo", str(run_dir), "--out", str(tmp_path / "x"), "--bta", "0.1"])
     assert "--beta" in capsys.readouterr().err

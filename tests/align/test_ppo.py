@@ -61,3 +61,23 @@ def test_ppo_raises_the_reward_model_score_with_kl_bounded(tok, tmp_path):
     after = rm_score_and_kl(src.engine, rm, ref, held)
     assert after["rm_score"] > before["rm_score"] + 0.5, (before, after)     # 3.41 -> 4.18 here
     assert 0 < after["kl"] < 10, after
+
+
+def test_adaptive_kl_controller_follows_the_formula_and_resumes(tok):
+    """kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon after each rollout batch."""
+    _, _, _, src = build(tok, kl_coef=0.1, kl_target=2.0, kl_horizon=40)
+    src.adapt_kl(3.0, 8)                                         # 3/2 - 1 = 0.5 -> clipped to 0.2
+    assert abs(src.kl_coef - 0.1 * (1 + 0.2 * 8 / 40)) < 1e-12
+    src.adapt_kl(1.8, 8)                                         # -0.1
+    assert abs(src.kl_coef - 0.1 * 1.04 * (1 - 0.1 * 8 / 40)) < 1e-12
+    coef = src.kl_coef
+    buf = src._rollout(0)                                        # the rollout records the coefficient it used
+    assert buf["stats"]["kl_coef"] == coef
+    expect = coef * (1 + min(max(buf["stats"]["kl"] / 2.0 - 1, -0.2), 0.2) * 8 / 40)
+    assert abs(src.kl_coef - expect) < 1e-9
+    other = build(tok, kl_coef=0.1, kl_target=2.0, kl_horizon=40)[3]
+    other.load_state_dict(src.state_dict())
+    assert other.kl_coef == src.kl_coef
+    fixed = build(tok, kl_coef=0.1)[3]                           # no target: the coefficient stays
+    fixed._rollout(0)
+    assert fixed.kl_coef == 0.1

@@ -138,3 +138,27 @@ def test_completion_logps_equal_the_full_forward(tok):
     with torch.no_grad():
         full = token_logps(model(b.input_ids)[:, :-1], b.input_ids[:, 1:], 0.7) * b.mask
         assert (completion_logps(model, b.input_ids, b.mask, 0.7) - full).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_skipping_zero_advantage_rows_keeps_the_loss_and_gradient(tok, loss_type):
+    """Groups whose samples all score the same carry no gradient: leaving their rows out of the
+    update gives the loss and gradient of the whole micro-batch."""
+    def some_groups_flat(prompt, completion, **fields):       # prompts without "fox": every sample 0
+        return float(len(completion) % 2) if "fox" in prompt else 0.0
+    recs = [{"prompt": p} for p in word_prompts(40, 3)]
+    recs = [r for r in recs if "fox" in r["prompt"]][:2] + [r for r in recs if "fox" not in r["prompt"]][:2]
+    grads, losses, rows = [], [], []
+    for skip in (True, False):
+        model = tiny_model(0)
+        src = GRPOSource(model, tok, recs, [some_groups_flat], group_size=4, prompts_per_rollout=4, batch_size=16,
+                         max_completion_len=6, temperature=1.0, skip_zero_advantage=skip, seed=1)
+        b = src.next_batch()
+        loss, _ = GRPOObjective(loss_type, max_completion_len=6).loss(model, b)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        losses.append(float(loss))
+        rows.append(b.input_ids.size(0))
+    assert rows[1] == 16 and 0 < rows[0] <= 8                       # two groups of four have no signal
+    assert abs(losses[0] - losses[1]) < 1e-6
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

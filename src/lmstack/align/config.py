@@ -53,7 +53,9 @@ class AlignConfig:
     scale_rewards: bool = _h("grpo: divide advantages by the group std (False = Dr. GRPO)", default=True)
     # ---- PPO
     reward_model: str | None = _h("ppo: the reward model run dir (from `lmstack align rm`)", default=None)
-    kl_coef: float = _h("ppo: per-token KL penalty to the reference", default=0.05)
+    kl_coef: float = _h("ppo: per-token KL penalty to the reference (the start, with kl_target)", default=0.05)
+    kl_target: float | None = _h("ppo: adapt kl_coef toward this KL per response, nats (None = fixed)", default=None)
+    kl_horizon: int = _h("ppo: the adaptive KL controller's horizon, in responses", default=10000)
     gamma: float = _h("ppo: discount", default=1.0)
     lam: float = _h("ppo: GAE lambda", default=0.95)
     ppo_epochs: int = _h("ppo: epochs over each rollout batch", default=4)
@@ -110,6 +112,12 @@ class AlignConfig:
             bad("temperature", "must be > 0")
         if not 0 < self.epsilon < 1:
             bad("epsilon", "must be in (0, 1)")
+        if self.kl_target is not None and not self.kl_target > 0:
+            bad("kl_target", "must be > 0 nats (or unset for a fixed kl_coef)")
+        if self.kl_horizon < 1:
+            bad("kl_horizon", "must be >= 1")
+        if not self.kl_coef >= 0:
+            bad("kl_coef", "must be >= 0")
         if self.method == "ppo" and not self.reward_model:
             bad("reward_model", "PPO needs --reward-model RUN (train one with `lmstack align rm`)")
         if self.lora_r < 0:

@@ -44,7 +44,7 @@ def _plot(rows: list[dict], title: str, series, before: dict | None) -> bytes | 
     drawn = False
     for split, key, label in series:
         pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and key in r and "step" in r]
-        if split != "train" and before and key in before:       # the starting model's measurement
+        if split != "train" and before and key in before and not any(x == 0 for x, _ in pts):  # the start
             pts = [(0, before[key])] + pts
         if not pts:
             continue

@@ -10,7 +10,11 @@ completion, advantages normalized within each prompt's group (losses.group_advan
 with beta > 0, the frozen reference's log-probs for the k3 KL penalty. The source then serves
 the P*G rows as micro-batches `num_iterations` times (TRL's mu); the objective recomputes the
 policy's log-probs under the sampling temperature and takes the clipped ratio against the
-engine's recorded ones (losses.policy_loss, loss types grpo / dr_grpo / dapo).
+engine's recorded ones (losses.policy_loss, loss types grpo / dr_grpo / dapo). Rows whose
+advantage is 0 (every sample of their prompt scored the same) have no gradient when there is
+no KL term: skip_zero_advantage leaves them out of the update's forward and backward, with
+the loss still normalized over all rows (the same gradient, less work: with a sparse reward
+most groups are such).
 
 Metrics: reward (mean total reward of the rollout), reward_std, reward_<fn> per function,
 frac_zero_std (groups with no signal), completion_len (tokens), clip_frac, kl (k3, to the
@@ -45,6 +49,7 @@ class RolloutBatch:
     returns: Tensor | None
     n_tokens: Tensor
     stats: dict
+    n_seqs: int | None = None     # rows of the micro-batch before zero-advantage rows were left out
 
 
 def step_tokens(step_mask: Tensor, grad_accum: int, world_size: int) -> Tensor:
@@ -66,7 +71,8 @@ class GRPOSource(RolloutSource):
                  group_size: int = 8, prompts_per_rollout: int = 4, batch_size: int = 8, grad_accum: int = 1,
                  num_iterations: int = 1, max_completion_len: int = 16, temperature: float = 1.0, fmt: str = "plain",
                  ref_model=None, stop_token_ids=None, stop=None, scale_rewards: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, engine_dtype=None, ignore_eos: bool = False):
+                 rank: int = 0, world_size: int = 1, engine_dtype=None, ignore_eos: bool = False,
+                 skip_zero_advantage: bool = True):
         super().__init__(batch_size, grad_accum, num_iterations, seed, rank, world_size, shuffle=False)
         if group_size < 2:
             raise LmstackError(f"group_size={group_size}: GRPO compares samples of one prompt, it needs >= 2")
@@ -77,7 +83,7 @@ class GRPOSource(RolloutSource):
         if len(self.reward_weights) != len(self.reward_fns):
             raise LmstackError(f"{len(self.reward_weights)} reward weights for {len(self.reward_fns)} reward functions")
         self.group_size, self.scale_rewards = group_size, scale_rewards
-        self.ref_model = ref_model
+        self.ref_model, self.skip_zero_advantage = ref_model, skip_zero_advantage
         self.load_prompts(tokenizer, prompts, fmt, max_completion_len, policy.config.context_length,
                           prompts_per_rollout)
         self.check_layout(prompts_per_rollout * group_size)
@@ -106,11 +112,18 @@ class GRPOSource(RolloutSource):
         return buf
 
     def _micro(self, rows: dict, step_rows: dict) -> RolloutBatch:
+        n = rows["input_ids"].size(0)
+        if self.skip_zero_advantage and "ref_logps" not in rows:
+            # a row with advantage 0 and no KL term has loss 0 and gradient 0 at any ratio: leave
+            # it out of the forward and backward (n_seqs keeps the loss that of all n rows)
+            keep = rows["advantages"] != 0
+            keep[0] |= not keep.any()                   # (one row keeps the graph of an all-zero batch)
+            rows = {k: v[keep] for k, v in rows.items()}
         rows = trim(rows)
         stats = {k: torch.tensor(v) for k, v in self.buffer["stats"].items()}
         return RolloutBatch(rows["input_ids"], rows["mask"], rows["old_logps"], rows["advantages"],
                             rows.get("ref_logps"), None, None,
-                            step_tokens(step_rows["mask"], self.grad_accum, self.world_size), stats)
+                            step_tokens(step_rows["mask"], self.grad_accum, self.world_size), stats, n_seqs=n)
 
 
 def completion_logps(model, ids: Tensor, mask: Tensor, temperature: float) -> Tensor:
@@ -144,7 +157,7 @@ class GRPOObjective(Objective):
     def loss(self, model, batch: RolloutBatch):
         logps = completion_logps(model, batch.input_ids, batch.mask, self.temperature)
         loss, st = policy_loss(logps, batch.old_logps, batch.advantages, batch.mask, self.epsilon, self.loss_type,
-                               self.max_completion_len, batch.ref_logps, self.beta, batch.n_tokens)
+                               self.max_completion_len, batch.ref_logps, self.beta, batch.n_tokens, batch.n_seqs)
         return loss, {**batch.stats, **st}
 
     def tokens(self, batch: RolloutBatch) -> int:

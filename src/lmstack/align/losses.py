@@ -66,7 +66,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
     if scale:
         std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
         centered = centered / (std + eps)
-    return centered.reshape(-1)
+    same = (g == g[:, :1]).all(dim=1, keepdim=True)     # exactly 0, not a mean's rounding error / eps
+    return torch.where(same, torch.zeros_like(centered), centered).reshape(-1)
 
 
 def gae(rewards: Tensor, values: Tensor, gamma: float = 1.0, lam: float = 0.95,
@@ -126,7 +127,8 @@ def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
 
 def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, epsilon: float = 0.2,
                 loss_type: str = "grpo", max_completion_length: int | None = None, ref_logps: Tensor | None = None,
-                beta: float = 0.0, n_tokens: float | None = None) -> tuple[Tensor, dict]:
+                beta: float = 0.0, n_tokens: float | None = None,
+                n_seqs: int | None = None) -> tuple[Tensor, dict]:
     """The clipped surrogate (PPO/GRPO), aggregated as TRL's loss types. All (B, T) but
     advantages, which may be (B,) (one per sequence, GRPO) or (B, T) (per token, PPO).
 
@@ -135,6 +137,8 @@ def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tens
     dapo:    sum over all tokens / n_tokens (default: this batch's token count; a caller
              splitting a batch passes the whole batch's, so the parts add up to its mean)
     dr_grpo: sum over all tokens / (B * max_completion_length)
+    n_seqs: the B of grpo and dr_grpo when the caller left out rows that carry no gradient
+    (advantage 0, no KL term), so the loss and its gradient are those of the whole batch.
     Returns (loss, {"clip_frac", "kl"}) with kl the masked mean of k3 (0 without ref_logps)."""
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}; valid: {', '.join(GRPO_LOSS_TYPES)}")
@@ -148,14 +152,15 @@ def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tens
         if beta:
             per_token = per_token + beta * kl
     m = mask.to(per_token.dtype)
+    B = per_token.size(0) if n_seqs is None else n_seqs
     if loss_type == "grpo":
-        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / B
     elif loss_type == "dapo":
         loss = (per_token * m).sum() / (m.sum() if n_tokens is None else n_tokens)
     else:
         if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length")
-        loss = (per_token * m).sum() / (per_token.size(0) * max_completion_length)
+        loss = (per_token * m).sum() / (B * max_completion_length)
     with torch.no_grad():
         # the clip is active where it changes the objective (TRL's is_low/high_clipped)
         was_clipped = (((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))) & (m > 0)

@@ -14,7 +14,14 @@ the reward model, as in TRL: values[t] is its output at the position that predic
   r_T += RM(prompt + response)                        at the last token
   A, R = GAE(r, V, gamma, lam); A whitened over the batch's tokens
 Metrics: score (the reward model's mean), kl (mean summed log pi_old - log ref per response),
-reward (score - kl_coef * kl), completion_len, clip_frac, value_loss, policy_loss.
+reward (score - kl_coef * kl), kl_coef, completion_len, clip_frac, value_loss, policy_loss.
+
+kl_target (nats per response, None = a fixed kl_coef): the adaptive controller of Ziegler et
+al. 2019 (TRL's AdaptiveKLController): after each rollout batch of n responses,
+  kl_coef *= 1 + clip(kl / kl_target - 1, -0.2, 0.2) * n / kl_horizon
+so the penalty grows while the policy drifts past the target and shrinks below it. A fixed
+coefficient only prices KL; a small reward model is cheap to exploit and the KL then keeps
+growing, which the controller stops.
 """
 from __future__ import annotations
 
@@ -57,7 +64,8 @@ class PPOSource(RolloutSource):
                  prompts_per_rollout: int = 16, batch_size: int = 8, grad_accum: int = 1, ppo_epochs: int = 4,
                  max_completion_len: int = 16, temperature: float = 1.0, fmt: str = "plain", kl_coef: float = 0.05,
                  gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool = True, stop_token_ids=None,
-                 stop=None, seed: int = 0, rank: int = 0, world_size: int = 1, engine_dtype=None):
+                 stop=None, seed: int = 0, rank: int = 0, world_size: int = 1, engine_dtype=None,
+                 kl_target: float | None = None, kl_horizon: int = 10000):
         super().__init__(batch_size, grad_accum, ppo_epochs, seed, rank, world_size, shuffle=True)
         if not isinstance(model, PolicyAndValue):
             raise LmstackError("PPOSource takes the PolicyAndValue module the Trainer trains")
@@ -67,7 +75,13 @@ class PPOSource(RolloutSource):
             raise LmstackError(f"the reward model's vocab_size={reward_model.config.vocab_size} differs from the "
                                f"policy's {model.policy.config.vocab_size}: it was trained with another tokenizer")
         self.model, self.reward_model, self.ref_model = model, reward_model.requires_grad_(False).eval(), ref_model
+        if not kl_coef >= 0 or (kl_target is not None and not kl_target > 0) or kl_horizon < 1:
+            raise LmstackError(f"need kl_coef >= 0, kl_target > 0 (or None), kl_horizon >= 1; got {kl_coef}, "
+                               f"{kl_target}, {kl_horizon}")
+        if kl_target is not None and not kl_coef > 0:
+            raise LmstackError("kl_target adapts kl_coef by a factor: start it above 0")
         self.kl_coef, self.gamma, self.lam, self.whiten = kl_coef, gamma, lam, whiten_advantages
+        self.kl_target, self.kl_horizon = kl_target, kl_horizon
         ctx = min(model.policy.config.context_length, reward_model.config.context_length)
         self.load_prompts(tokenizer, prompts, fmt, max_completion_len, ctx, prompts_per_rollout)
         self.temperature = temperature
@@ -102,9 +116,33 @@ class PPOSource(RolloutSource):
         buf.update(advantages=adv, ref_logps=ref, old_values=values, returns=returns)
         seq_kl = kl.sum(1)
         buf["stats"] = {"score": float(scores.mean()), "kl": float(seq_kl.mean()),
-                        "reward": float((scores - self.kl_coef * seq_kl).mean()),
+                        "reward": float((scores - self.kl_coef * seq_kl).mean()), "kl_coef": self.kl_coef,
                         "completion_len": float(mask.sum(1).mean())}
+        if self.kl_target is not None:
+            self.adapt_kl(float(self._mean_over_ranks(seq_kl.mean())), len(rollouts) * self.world_size)
         return buf
+
+    def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            x = x.double().reshape(1)
+            torch.distributed.all_reduce(x)           # every rank adapts kl_coef alike
+            x = x / self.world_size
+        return x
+
+    def adapt_kl(self, kl: float, n: int) -> None:
+        """The adaptive KL controller's update after a rollout batch of n responses whose mean
+        summed KL is `kl` (a no-op without kl_target)."""
+        if self.kl_target is None:
+            return
+        err = min(max(kl / self.kl_target - 1.0, -0.2), 0.2)
+        self.kl_coef *= 1.0 + err * n / self.kl_horizon
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "kl_coef": self.kl_coef}
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        self.kl_coef = float(sd.get("kl_coef", self.kl_coef))
 
     def _micro(self, rows: dict, step_rows: dict) -> RolloutBatch:
         rows = trim(rows)

@@ -21,7 +21,7 @@ import torch
 
 from lmstack.align import data as D
 from lmstack.align.config import AlignConfig
-from lmstack.utils import LmstackError, atomic_write_json, atomic_write_text, ensure_writable_dir
+from lmstack.utils import LmstackError, atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir
 
 
 def _dist() -> tuple[int, int, int]:
@@ -191,7 +191,8 @@ class _Run:
         ref = frozen_copy(self.policy)
         self.model = PolicyAndValue(self.policy, value_model_from(rm))
         self.batches = PPOSource(self.model, self.tok, train, rm, ref, ppo_epochs=c.ppo_epochs, kl_coef=c.kl_coef,
-                                 gamma=c.gamma, lam=c.lam, **self._rollout_kw())
+                                 gamma=c.gamma, lam=c.lam, kl_target=c.kl_target, kl_horizon=c.kl_horizon,
+                                 **self._rollout_kw())
         self.engine = self.batches.engine
         self.objective = PPOObjective(c.epsilon, c.cliprange_value, c.vf_coef, c.temperature)
         self.measure = lambda: rm_score_and_kl(self.engine, rm, ref, held_ids)
@@ -222,6 +223,20 @@ class _Run:
             raise LmstackError(f"train settings: {e}") from None
 
 
+def _log_start(out: Path, method: str, before: dict) -> None:
+    """The starting model's held-out numbers as metrics.jsonl's step-0 line (split "val" for the
+    pair methods, "sample" for the RL ones, as their later measurements), so every curve of
+    the run starts at the model it started from. The Trainer rewrites the log on a fresh run,
+    so the line goes in after training; a resumed run keeps the one it has."""
+    from lmstack.report.figures import read_metrics
+    split = "val" if method in ("rm", "dpo") else "sample"
+    path = out / "metrics.jsonl"
+    rows = read_metrics(path) if path.is_file() else []
+    if any(r.get("step") == 0 and r.get("split") == split for r in rows):
+        return
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in [{"step": 0, "split": split, **before}, *rows]))
+
+
 def run_align(cfg: AlignConfig) -> dict:
     from lmstack.align.figures import write_figures
     from lmstack.train import Trainer
@@ -232,15 +247,17 @@ def run_align(cfg: AlignConfig) -> dict:
     before = before_samples = None
     if main:
         ensure_writable_dir(out, "choose another --out")
+        # the tokenizer first: every checkpoint of the run is loadable (LLM, resume) from the start
+        atomic_write_bytes(out / "tokenizer.json", run.tok_bytes)
         before, before_samples = run.measure(), run.samples()
         print(f"before: {json.dumps(before)}")
     result = Trainer(run.train_config(), run.model, run.objective, run.batches, val_batches=run.val,
                      on_sample=run.on_sample).fit()
     if not main:
         return result
+    _log_start(out, cfg.method, before)
     final = run.model.policy if cfg.method == "ppo" else run.model
     final.save_pretrained(out)                      # the aligned model, loadable by LLM(out) (rm: by from_pretrained)
-    (out / "tokenizer.json").write_bytes(run.tok_bytes)
     after, after_samples = run.measure(), run.samples()
     print(f"after:  {json.dumps(after)}")
     summary = {"method": cfg.method, "model": cfg.model, "before": before, "after": after,
