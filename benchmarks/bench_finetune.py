@@ -21,7 +21,10 @@ adapters compute the same low-rank products), but SFTObjective runs the final no
 only at the trained positions (the model's logits_indices), while the HF loop computes (and
 upcasts to float32) logits for every position and masks them with -100 afterwards. With a
 32000-word vocabulary the head is as big as the blocks of this model, so that is most of the
-gap; with a small vocabulary (--vocab-size 2048) the two are within a few percent.
+gap. With a small vocabulary (--vocab-size 2048) the two do nearly the same FLOPs; what is left
+is overhead: our fused qkv and gate|up GEMMs, and LoRALinear adding all of a fused linear's
+adapters in one addmm (model/lora.py), make a forward + backward ~7% faster than PEFT's by CPU
+time (it was ~6% slower when LoRALinear sliced and concatenated the output per slice).
 
 tokens/s: B*T per step over the timed steps (after one warm-up step), median over rounds; the
 rounds interleave the sides so load from other processes hits all alike. tok/CPU-s divides by
@@ -30,7 +33,9 @@ thread, the two agree on an idle one). Peak memory: on CUDA
 the allocator's peak (weights included, from 0); on CPU the process's resident high-water mark
 (VmHWM, reset after imports) minus its resident size after imports, so weights, gradients,
 optimizer state, activations and allocator slack are all counted and the libraries' own code
-is not. Bits per weight: of the block linears (finetune/measure.py).
+is not. Saved MiB: what one training forward keeps for backward, the model's own weights
+excluded (saved_for_backward_mb): exact, and unaffected by other processes, where the CPU peak
+also carries the allocator's slack. Bits per weight: of the block linears (finetune/measure.py).
 """
 from __future__ import annotations
 
@@ -92,6 +97,10 @@ class Peak:
 
     def reset_high_water(self) -> None:        # CPU: forget transient peaks of loading (fp32 before NF4)
         if self.device.type == "cpu":
+            # and give freed heap back first: glibc keeps freed blocks (the fp32 weights NF4
+            # replaced) resident, which would count as memory the training step then reuses
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")
 
     def mb(self) -> float:
@@ -120,7 +129,8 @@ def peft_side(args, folder: Path, device: torch.device, peak: Peak):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step, sum(p.numel() for p in params), None
+    return step, sum(p.numel() for p in params), None, (model, lambda: model(input_ids=ids[:, :-1],
+                                                                          labels=labels[:, :-1]).loss)
 
 
 class FixedBatch:
@@ -164,7 +174,8 @@ def lmstack_side(args, folder: Path, device: torch.device, peak: Peak, method: s
     trainer._setup()
     peak.reset_high_water()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainer.train_step, trainable, base_bits_per_param(model)["stored"]
+    return trainer.train_step, trainable, base_bits_per_param(model)["stored"], \
+        (model, lambda: trainer._micro_loss(trainer.fwd_model, trainer._prepare(src.b, trainer.gen))[0])
 
 
 def child(args) -> None:
@@ -176,11 +187,11 @@ def child(args) -> None:
     peak = Peak(device)
     with tempfile.TemporaryDirectory() as out:
         if args.child == "peft-lora":
-            step, trainable, bits = peft_side(args, Path(args.folder), device, peak)
+            step, trainable, bits, fwd = peft_side(args, Path(args.folder), device, peak)
         else:
             method = args.child.split("-")[1]
-            step, trainable, bits = lmstack_side(args, Path(args.folder), device, peak, method,
-                                                 args.child.endswith("-ckpt"), out)
+            step, trainable, bits, fwd = lmstack_side(args, Path(args.folder), device, peak, method,
+                                                      args.child.endswith("-ckpt"), out)
         step()                                                     # warm-up: optimizer state, caches
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
@@ -189,9 +200,29 @@ def child(args) -> None:
             step()
         sync()
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        peak_mb = peak.mb()
+        saved = saved_for_backward_mb(*fwd)
     tokens = args.steps * args.batch_size * args.seq_len
-    print(json.dumps({"tok_s": tokens / dt, "tok_cpu_s": tokens / dc, "peak_mb": peak.mb(), "trainable": trainable,
-                      "bits": bits}))
+    print(json.dumps({"tok_s": tokens / dt, "tok_cpu_s": tokens / dc, "peak_mb": peak_mb, "trainable": trainable,
+                      "bits": bits, "saved_mb": saved}))
+
+
+def saved_for_backward_mb(model, forward) -> float:
+    """MiB of tensors one training forward keeps for backward, the model's own weights and buffers
+    excluded: activations, and anything else a layer saves (a dequantized weight, say). Exact and
+    independent of machine load, unlike the peak; with activation checkpointing only what the
+    checkpoints keep is seen."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values()) / 2**20
 
 
 # ----------------------------------------------------------------------------- the parent: rounds, table
@@ -239,11 +270,14 @@ def main() -> None:
                     raise SystemExit(f"{s} failed:\n{proc.stderr[-3000:]}")
                 runs[s].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     med = {s: {k: statistics.median(x[k] for x in rs) for k in ("tok_s", "tok_cpu_s", "peak_mb")}
-           | {"trainable": rs[0]["trainable"], "bits": rs[0]["bits"]} for s, rs in runs.items()}
-    print(f"{'':20s} {'tokens/s':>9s} {'tok/CPU-s':>9s} {'peak MiB':>9s} {'trainable':>10s} {'base bits/w':>11s}")
+           | {"trainable": rs[0]["trainable"], "bits": rs[0]["bits"], "saved_mb": rs[0]["saved_mb"]}
+           for s, rs in runs.items()}
+    print(f"{'':20s} {'tokens/s':>9s} {'tok/CPU-s':>9s} {'peak MiB':>9s} {'saved MiB':>9s} {'trainable':>10s} "
+          f"{'base bits/w':>11s}")
     for s, m in med.items():
         bits = "" if m["bits"] is None else f"{m['bits']:.2f}"
-        print(f"{s:20s} {m['tok_s']:9.0f} {m['tok_cpu_s']:9.0f} {m['peak_mb']:9.1f} {m['trainable']:10,d} {bits:>11s}")
+        print(f"{s:20s} {m['tok_s']:9.0f} {m['tok_cpu_s']:9.0f} {m['peak_mb']:9.1f} {m['saved_mb']:9.1f} "
+              f"{m['trainable']:10,d} {bits:>11s}")
     if "peft-lora" in med and "lmstack-lora" in med:
         a, b = med["lmstack-lora"], med["peft-lora"]
         per_round = ", ".join(f"{x['tok_s'] / y['tok_s']:.2f}" for x, y in zip(runs["lmstack-lora"], runs["peft-lora"]))

@@ -142,3 +142,19 @@ def test_save_refuses_before_writing(tmp_path):
     assert not any(tmp_path.iterdir())
     merge_lora(m)  # a merged-in-place model still merges (adapters are unloaded, weights kept)
     assert not lora_modules(m)
+
+
+def test_the_engine_reads_adapters_without_importing_finetune():
+    """Layering: infer/ (floor 2) reads PEFT folders through model/peft_format.py (floor 1); no
+    module of infer/ or model/ imports lmstack.finetune (floor 3), not even lazily."""
+    import ast
+    from pathlib import Path
+    import lmstack
+    root = Path(lmstack.__file__).parent
+    bad = []
+    for f in [*(root / "infer").glob("*.py"), *(root / "model").glob("*.py")]:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{f.name}: {n}" for n in names if n.startswith("lmstack.finetune")]
+    assert not bad

@@ -192,3 +192,51 @@ def test_qlora_over_lmstack_quantized_linears(case, tmp_path):
     assert [r["kind"] for r in get_transforms(back)] == ["quant"]
     with torch.no_grad():
         assert torch.equal(back(x), m(x))
+
+
+def test_qlora_backward_keeps_no_float_weight_and_matches_the_dequantized_float_model():
+    """A QLoRA forward saves no dequantized (out, in) weight for backward (DequantLinear
+    dequantizes again there), and the adapters' gradients equal those of LoRA on a float
+    model holding the dequantized weights, run by plain autograd."""
+    quant = pytest.importorskip("lmstack.quant")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, context_length=32,
+                      tie_embeddings=False, qkv_bias=True)
+    m = Transformer(cfg)
+    quant.quantize_model(m, quant.QuantConfig(method="nf4", group_size=64))
+    ref = Transformer(cfg)                        # the same model with float weights = dequantize()
+    with torch.no_grad():
+        sd = {k: v for k, v in m.state_dict().items() if k in ref.state_dict()}
+        for name in find_linears(m, "all-linear"):
+            sd[name.name + ".weight"] = m.get_submodule(name.name).dequantize()
+        ref.load_state_dict(sd)
+    config = LoraConfig(r=4, alpha=8, targets="all-linear")
+    add_lora(m, config)
+    add_lora(ref, config)
+    g = torch.Generator().manual_seed(1)
+    theirs = dict(ref.named_parameters())
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                theirs[n].copy_(p)
+    shapes = {tuple(t.base_linear_shape) for t in lora_modules(m).values()}
+    own = {t.untyped_storage().data_ptr() for t in [*m.parameters(), *m.buffers()]}
+    saved = []
+
+    def pack(t):   # tensors made in the forward (not the model's own) that backward keeps
+        if t.untyped_storage().data_ptr() not in own:
+            saved.append(tuple(t.shape))
+        return t
+    x = torch.randint(0, 64, (2, 12))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m(x).logsumexp(-1).mean()
+    assert not shapes & set(saved), "a dequantized base weight was saved for backward"
+    loss.backward()
+    ref(x).logsumexp(-1).mean().backward()
+    lora = [n for n, p in m.named_parameters() if "lora_" in n]
+    assert len(lora) == 2 * 7 * cfg.n_layer
+    for n in lora:
+        mine = m.get_parameter(n).grad
+        assert mine.abs().max() > 0
+        torch.testing.assert_close(mine, theirs[n].grad, rtol=1e-5, atol=1e-6)

@@ -1,8 +1,8 @@
 """SFT batches and loss: padded and packed batches give exactly the token-weighted mean of the
-examples' losses computed one at a time (and the same gradients), for RoPE, learned and ALiBi
-positions; only assistant tokens (+ the end-of-turn token) are trained; the batch source
-normalizes over the global batch (accumulation and ranks), partitions it across ranks and
-resumes exactly."""
+examples' losses computed one at a time (and the same gradients), for RoPE, learned, ALiBi
+and T5 relative positions (the model's segment_ids); only assistant tokens (+ the end-of-turn
+token) are trained; the batch source normalizes over the global batch (accumulation and
+ranks), partitions it across ranks and resumes exactly."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ def reference(m, exs):
     return total / n
 
 
-@pytest.mark.parametrize("pos_emb", ["rope", "learned", "alibi"])
+@pytest.mark.parametrize("pos_emb", ["rope", "learned", "alibi", "relative"])
 def test_packed_and_padded_losses_equal_per_example_losses(tok, examples, pos_emb):
     m = model(tok, pos_emb=pos_emb)
     grads = {}
@@ -83,9 +83,9 @@ def test_packed_loss_with_activation_checkpointing(tok, examples):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=k)
 
 
-def test_packing_without_the_document_mask_would_differ(tok, examples):
-    """The check above can fail: the same packed rows with positions but no block-diagonal mask
-    let examples attend to each other, and the loss moves."""
+def test_packing_without_segment_ids_would_differ(tok, examples):
+    """The check above can fail: the same packed rows with positions but no segment_ids (no
+    block-diagonal mask) let examples attend to each other, and the loss moves."""
     m = model(tok)
     rows = pack_rows([len(e) - 1 for e in examples], 40)
     batch = collate([[examples[i] for i in r] for r in rows], 1.0, True)
@@ -94,6 +94,17 @@ def test_packing_without_the_document_mask_would_differ(tok, examples):
                                 ignore_index=IGNORE_INDEX)
         ref = reference(m, examples)
     assert abs(leaky.item() - ref.item()) > 1e-2
+
+
+def test_segment_ids_need_the_shape_of_ids_and_no_cache(tok):
+    from lmstack.model.cache import ContiguousKVCache
+    m = model(tok)
+    ids, seg = torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="segment_ids must have the shape of ids"):
+        m(ids, segment_ids=seg[:, :5])
+    cache = ContiguousKVCache(2, 2, 8, 2, 16)
+    with pytest.raises(LmstackError, match="without a KV cache"):
+        m(ids, cache=cache, segment_ids=seg)
 
 
 def test_targets_are_assistant_tokens_and_the_end_token(tok, examples):

@@ -14,7 +14,7 @@ carries no loss. The model runs with its default positions and its fast causal p
 Packing: several examples share a row, one after another, so short chats do not pay for
 padding. Each example must still see only itself: its positions restart at 0 (`positions`)
 and attention is block-diagonal (`segments`: which example of the row a token belongs to,
--1 on padding). How that mask reaches the model is document_mask.py's job.
+-1 on padding), which the model applies from its `segment_ids` argument.
 
 Either way the batch's loss is the token-weighted mean over its examples, exactly what the
 examples give one at a time (tests check it to 1e-5): the loss is a sum of token NLLs times

@@ -27,14 +27,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from lmstack.model.lora import LoRALinear, inject_lora
+from lmstack.model.lora import LoRALinear, inject_lora, lora_scale
+from lmstack.model.peft_format import LoraError
 from lmstack.model.replace import set_module
 from lmstack.model.transforms import get_transforms
 from lmstack.utils import LmstackError
-
-
-class LoraError(LmstackError, ValueError):
-    """Bad LoRA settings, or an adapter that does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +67,7 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.r ** 0.5 if self.use_rslora else self.alpha / self.r
+        return lora_scale(self.r, self.alpha, self.use_rslora)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

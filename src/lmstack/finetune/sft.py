@@ -5,8 +5,8 @@
     Trainer(cfg, model, SFTObjective(), batches, val_batches=...).fit()
 
 The loss covers assistant tokens only (their end-of-turn token included); data/chat_examples.py
-builds the masks, batching.py lays examples out in rows (padding or packing) and
-document_mask.py keeps packed examples from attending to each other.
+builds the masks, batching.py lays examples out in rows (padding or packing), and the model's
+`segment_ids` keep packed examples from attending to each other.
 
 The global batch. A Trainer step is `grad_accum` micro-batches on each of W ranks. The
 source cuts each epoch's rows (a seeded shuffle of the examples, then packed or one per row)
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from lmstack.data.chat_examples import SFTExample
 from lmstack.finetune.batching import SFTBatch, collate, pack_rows, trained_positions
-from lmstack.finetune.document_mask import document_mask
 from lmstack.train.objectives import Objective
 from lmstack.utils import LmstackError
 
@@ -47,9 +46,9 @@ class SFTObjective(Objective):
 
     def loss(self, model, batch: SFTBatch):
         idx = batch.loss_index
-        if batch.packed:
-            with document_mask(model, batch.segments):
-                logits = model(batch.input_ids, positions=batch.positions, logits_indices=idx)   # (N, V)
+        if batch.packed:   # positions restart at 0 per example; attention stays within each example
+            logits = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segments,
+                           logits_indices=idx)                                                   # (N, V)
         else:
             logits = model(batch.input_ids, logits_indices=idx)
         return sft_loss(logits, batch.targets.reshape(-1)[idx], batch.loss_scale)

@@ -5,12 +5,11 @@
     llm.generate(prompts, params, lora_request=["sql", None, LoRARequest("chat", 2, "adapters/chat")])
 
 Adapters are PEFT-format folders (`lmstack.finetune.save_adapter`, or PEFT's own). They are
-loaded when the engine is built, each through `finetune.load_adapter`, the one PEFT reader,
-which checks the folder's config, every tensor name and shape, and the base fingerprint
-before touching the model; an adapter that does not fit is an error naming the adapter and
-its folder, before anything is served. Each one is loaded into the plain base, its tensors
-taken, and the plain linears put back; then every adapted linear becomes one
-`MultiLoRALinear` holding all the adapters that touch it (model/lora.py).
+read when the engine is built by model/peft_format.py, the one PEFT reader (finetune's
+load_adapter uses it too), which checks the folder's config, every tensor name and shape, and
+the base fingerprint without touching the model; an adapter that does not fit is an error
+naming the adapter and its folder, before anything is served. Then every adapted linear
+becomes one `MultiLoRALinear` holding all the adapters that touch it (model/lora.py).
 
 Ids: adapters get 1, 2, ... in the order given; 0 is the base. A request names its adapter
 by name (a string) or by vLLM's `LoRARequest(lora_name, lora_int_id, lora_path)`, whose id
@@ -24,9 +23,6 @@ draft model drafts without the adapter (worse guesses cost acceptance, not corre
 the target verifies every row under its own adapter, so greedy output is token for token
 the plain one and rejection sampling keeps the adapter's distribution. Beam search takes
 one adapter for all its prompts (`LLM.beam_search(..., lora_request="sql")`).
-
-Layering note: the engine (floor 2) imports `finetune.load_adapter` (floor 3) lazily, only
-when adapters are asked for; the PEFT reader would better live at floor 1 beside LoRALinear.
 """
 from __future__ import annotations
 
@@ -36,8 +32,8 @@ from typing import Mapping
 
 from torch import nn
 
-from lmstack.model.lora import AdapterWeights, LoRABatch, LoRALinear, install_adapters
-from lmstack.model.replace import set_module
+from lmstack.model.lora import AdapterWeights, LoRABatch, LoRALinear, install_adapters, is_quantized_base
+from lmstack.model.peft_format import read_peft_adapter
 from lmstack.utils import LmstackError
 
 
@@ -104,28 +100,16 @@ class LoRAAdapters:
 
 
 def read_adapter(model: nn.Module, name: str, path: Path) -> AdapterWeights:
-    """One PEFT adapter folder's tensors for `model`, through finetune.load_adapter (all its
-    checks); the model is left as it was (its plain linears, record and grad flags)."""
-    from lmstack.finetune import load_adapter, lora_modules   # floor 3: see the module docstring
-
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    transforms = getattr(model, "transforms", None)
+    """One PEFT adapter folder's tensors for `model` (every check of model/peft_format.py), in
+    each adapted linear's dtype and on its device, as a trained adapter would be. The model is
+    not changed."""
     try:
-        load_adapter(model, path)
+        adapter = read_peft_adapter(model, path)
     except (LmstackError, OSError) as e:
         raise LoRAError(f"LoRA adapter {name!r} ({path}): {e}") from None
-    mods = lora_modules(model)
-    try:
-        first = next(iter(mods.values()))
-        pairs = {n: {role: (m.lora_A[role].detach().clone(), m.lora_B[role].detach().clone()) for role in m.slices}
-                 for n, m in mods.items()}
-        return AdapterWeights(pairs, first.scale)
-    finally:   # put the plain linears back (the same objects, holding the same tensors)
-        for n, m in mods.items():
-            set_module(model, n, m.base)
-        if transforms is None:
-            model.__dict__.pop("transforms", None)
-        else:
-            model.transforms = transforms
-        for n, p in model.named_parameters():
-            p.requires_grad_(grads.get(n, p.requires_grad))
+    pairs: dict[str, dict] = {}
+    for (module, role), ab in adapter.pairs.items():
+        linear = model.get_submodule(module)
+        ref = linear.dequantize() if is_quantized_base(linear) else linear.weight    # the compute dtype
+        pairs.setdefault(module, {})[role] = tuple(ab[p].to(ref.device, ref.dtype) for p in "AB")
+    return AdapterWeights(pairs, adapter.scale)
