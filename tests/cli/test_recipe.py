@@ -24,10 +24,12 @@ def test_train_reads_the_default_recipe_and_notes_what_it_skips():
     notes = []
     keys = read_recipe(TINYWORLD, "train", note=notes.append)
     assert keys["model_overrides"] == {} and keys["warmup_steps"] == 30 and keys["ckpt_every"] == 50
-    assert keys["vocab_size"] == 2048 and keys["max_steps"] == 750
+    assert keys["vocab_size"] == 2048 and keys["max_steps"] == 500
     assert "model_config" not in keys and "train_config" not in keys and "name" not in keys
     (note,) = notes
-    assert note.startswith("note: lmstack train does not use the recipe key(s) eval_max_tokens, name, out_dir, ")
+    assert note.startswith("note: lmstack train does not use the recipe key(s) base_model, dpo_config, "
+                           "eval_max_tokens, ")
+    assert ", name, out_dir, " in note
 
 
 def test_each_command_reads_its_keys(tmp_path):
@@ -69,7 +71,7 @@ def test_train_defaults_are_the_default_recipes(tmp_path, monkeypatch):
     (data / "shards").mkdir(parents=True)
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "o")]) == 0
     assert seen["cfg"] == train_config_for(RunOptions(), data=str(data), out=str(tmp_path / "o"))
-    assert seen["cfg"].max_steps == 750 and seen["cfg"].batch_size == 8 and seen["cfg"].lr == 0.005
+    assert seen["cfg"].max_steps == 500 and seen["cfg"].batch_size == 8 and seen["cfg"].lr == 0.005
     assert main(["train", "--recipe", str(TINYWORLD), "--data", str(data), "--out", "o2", "--lr", "0.01"]) == 0
     assert seen["cfg"] == dataclasses.replace(train_config_for(RunOptions(), data=str(data), out="o2"), lr=0.01)
 

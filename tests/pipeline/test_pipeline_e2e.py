@@ -7,25 +7,9 @@ import torch
 import yaml
 
 from lmstack.cli.main import main
-from lmstack.pipeline import STAGE_NAMES
+from lmstack.pipeline.options import DEFAULT_STAGES
 
-MICRO = {
-    "size_mb": 0.1, "vocab_size": 300, "max_steps": 20, "batch_size": 4, "seq_len": 32, "lr": 0.01,
-    "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 2, "context_length": 512},
-    "train_config": {"eval_every": 10, "ckpt_every": 0, "tensorboard": False, "eval_batches": 1,
-                     "warmup_steps": 2},
-    "eval_max_tokens": 2000, "probe_limit": 2, "sample_max_tokens": 8,
-}
-
-
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    recipe = root / "micro.yaml"
-    recipe.write_text(yaml.safe_dump(MICRO))
-    argv = ["run", "--recipe", str(recipe), "--out-dir", str(root), "--name", "micro"]
-    assert main(argv) == 0
-    return root / "micro", argv
+# micro_run: tests/pipeline/conftest.py (one micro run of every default stage, shared with test_chat_pipeline)
 
 
 def test_artifacts(micro_run, capsys):
@@ -37,15 +21,16 @@ def test_artifacts(micro_run, capsys):
     assert (run_dir / "figures/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert [s["name"] for s in summary["stages"]] == list(STAGE_NAMES)
+    assert [s["name"] for s in summary["stages"]] == list(DEFAULT_STAGES)
     assert all(s["status"] == "ran" for s in summary["stages"])
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert recipe["vocab_size"] == 300 and recipe["model_config"]["n_embd"] == 32
 
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3       # loss, lr/grad-norm/throughput, probe bars
+    # loss, lr/grad-norm/throughput, probe bars; the chat stages' own figures are test_chat_pipeline's
+    assert html.count("data:image/png;base64,") >= 3
     assert "<table" in html and "src='http" not in html     # self-contained
-    for stage in STAGE_NAMES:                               # the report's own row too
+    for stage in DEFAULT_STAGES:                            # the report's own row too
         assert f"<td>{stage}</td>" in html
     samples = json.loads((run_dir / "samples.json").read_text())
     assert samples and samples[0]["prompt"][:20] in html.replace("&#x27;", "'").replace("&quot;", '"')
@@ -95,7 +80,7 @@ def test_second_run_is_cached(micro_run, capsys):
     out = capsys.readouterr().out
     summary = json.loads((run_dir / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["stages"]}
-    assert status == {**{n: "cached" for n in STAGE_NAMES[:-1]}, "report": "ran"}
+    assert status == {**{n: "cached" for n in DEFAULT_STAGES[:-1]}, "report": "ran"}
     assert (run_dir / "model.safetensors").stat().st_mtime_ns == before
     assert "cached" in out and "report.html" in out
 

@@ -1,5 +1,7 @@
-"""`lmstack run`: the main job. Builds the corpus, trains a tokenizer and a model, evaluates,
-samples, and writes `OUT_DIR/NAME/report.html`, then prints a summary table.
+"""`lmstack run`: the main job. Builds the corpus, trains a tokenizer and a model, evaluates and
+samples it, makes it a chat model (SFT, DPO, GRPO), quantizes it to INT4, measures every stage's
+model on the same held-out sets, and writes `OUT_DIR/NAME/report.html`; prints a summary table,
+each stage's effect, and (last line) how to serve the final model.
 
     lmstack run                                   # the built-in tinyworld recipe -> runs/tinyworld/
     lmstack run --name demo --max-steps 200       # any recipe key as a flag
@@ -23,11 +25,12 @@ DEFAULT_TIME = "about 6 minutes on 2 idle CPU cores"
 
 
 def register(subparsers) -> None:
-    from lmstack.pipeline.options import STAGE_NAMES, RunOptions
+    from lmstack.pipeline.options import DEFAULT_STAGES, STAGE_NAMES, RunOptions
 
     p = subparsers.add_parser(
-        "run", help="the main job: corpus -> tokenizer -> shards -> pretrain -> evaluate -> sample -> report",
-        description=f"Run the stages {' -> '.join(STAGE_NAMES)} into OUT_DIR/NAME. A stage whose inputs "
+        "run", help="the main job: pretrain -> sft -> dpo -> grpo -> int4 -> measure -> report",
+        description=f"Run the stages {' -> '.join(DEFAULT_STAGES)} into OUT_DIR/NAME (or those of --stages, "
+                    f"in the order {' -> '.join(STAGE_NAMES)}). A stage whose inputs "
                     "are unchanged since the last run is skipped; an interrupted run continues where it stopped "
                     "(pretraining from its last checkpoint). Without --recipe the built-in tinyworld recipe "
                     f"(recipes/tinyworld.yaml) runs: {DEFAULT_TIME}.")
@@ -38,7 +41,7 @@ def register(subparsers) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from lmstack.cli.recipe import read_recipe
-    from lmstack.pipeline import RunOptions, format_probes, format_table, run_pipeline
+    from lmstack.pipeline import RunOptions, format_effects, format_probes, format_table, run_pipeline
 
     opts = build_options(RunOptions, args, recipe=read_recipe(args.recipe, "run"))
     try:
@@ -53,8 +56,16 @@ def handle(args: argparse.Namespace) -> int:
     if probes:
         print("\nheld-out probes (greedy, exact match; chance = always the most common answer):")
         print(probes)
+    effects = format_effects(summary["run_dir"]) if "measure" in status else ""
+    if effects:
+        print("\neach stage's effect on held-out data (before -> after):")
+        print(effects)
     if status.get("report") == "ran":
         print(f"report: {summary['run_dir']}/report.html")
     else:
         print("no report written: the report stage was not among --stages")
+    if any(s in status for s in ("sft", "dpo", "grpo", "quantize", "import")):
+        from lmstack.pipeline.report_chat import serve_line
+        from lmstack.pipeline.runner import Run
+        print(serve_line(Run(opts, log=print)))
     return 0

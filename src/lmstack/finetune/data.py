@@ -33,6 +33,12 @@ class TemplateChat:
     def __init__(self, tok, template):
         self.tok, self.template = tok, template
 
+    def __getattr__(self, name: str):
+        # everything else is the wrapped tokenizer's (the engine decodes with decode_bytes, eot_token ...)
+        if name in ("tok", "template"):
+            raise AttributeError(name)
+        return getattr(self.tok, name)
+
     @property
     def end_token(self) -> str | None:
         """Where an assistant turn ends: the template's eos_token (ChatML's <|im_end|> ...)."""

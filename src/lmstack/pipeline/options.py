@@ -18,7 +18,16 @@ from typing import Any
 
 from lmstack.utils.errors import LmstackError
 
-STAGE_NAMES = ("corpus", "tokenizer", "shards", "pretrain", "evaluate", "sample", "report")
+STAGE_NAMES = ("import", "corpus", "tokenizer", "shards", "pretrain", "evaluate", "sample", "sft", "dpo", "grpo",
+               "quantize", "measure", "rag", "export", "report")
+# What `lmstack run` runs without --stages: pretrain from scratch, then the chat stages.
+DEFAULT_STAGES = ("corpus", "tokenizer", "shards", "pretrain", "evaluate", "sample", "sft", "dpo", "grpo",
+                  "quantize", "measure", "rag", "report")
+# The stages that make a model, in the order a model passes through them; each starts from the
+# model of the nearest one before it in the recipe's stages (see model_chain).
+MODEL_STAGES = ("import", "pretrain", "sft", "dpo", "grpo", "quantize")
+CHAT_STAGES = ("dpo", "grpo")         # they need a chat model: an sft stage before them
+
 # = lmstack.tokenizer.DEFAULT_SPECIAL_TOKENS (a test keeps them equal; importing the tokenizer
 # here would slow down `--help`)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
@@ -30,6 +39,26 @@ TRAIN_KEYS = ("model", "model_config", "max_steps", "batch_size", "seq_len", "lr
               "train_config")
 
 
+# The chat stages' defaults, sized with pretraining to fit the whole run in the time budget (the
+# figures measured with them are in the report and the README).
+DEFAULT_SFT = {"method": "full", "max_steps": 120, "batch_size": 8, "seq_len": 256, "lr": 1e-3, "warmup_steps": 10,
+               "weight_decay": 0.1, "per_task": 300, "tinyworld_mb": 0.5, "eval_every": 0, "ckpt_every": 40}
+DEFAULT_DPO = {"tasks": ["arithmetic", "instruction"], "n_train": 600, "n_eval": 100, "beta": 0.1, "max_steps": 30,
+               "batch_size": 16, "lr": 5e-5, "eval_every": 0}
+DEFAULT_GRPO = {"tasks": ["arithmetic"], "group_size": 8, "prompts_per_rollout": 8, "max_completion_len": 8,
+                "n_train": 500, "n_eval": 50, "batch_size": 32, "grad_accum": 2, "max_steps": 20, "lr": 2e-5,
+                "eval_every": 0}
+DEFAULT_QUANT = {"method": "gptq", "bits": 4, "group_size": 64, "calib_samples": 16, "calib_seq_len": 128}
+# Keys of the *_config dicts that the pipeline sets itself (where the model comes from and goes,
+# the device, the seed, resuming, and the held-out measurements, which the measure stage makes
+# for every model on the same sets).
+OWNED = {"sft_config": {"model", "out", "device", "seed", "resume", "tinyworld_seed", "probes_per_task", "report",
+                        "export_hf", "eval_probes", "data"},
+         "dpo_config": {"method", "model", "out", "device", "seed", "resume", "tinyworld_seed"},
+         "grpo_config": {"method", "model", "out", "device", "seed", "resume", "tinyworld_seed"},
+         "quant_config": set()}
+
+
 def _h(text: str, **kw) -> Any:
     return field(metadata={"help": text}, **kw)
 
@@ -39,8 +68,8 @@ class RunOptions:
     # where
     name: str = _h("run name: the run directory is OUT_DIR/NAME", default="tinyworld")
     out_dir: str = _h("parent folder of run directories", default="runs")
-    stages: list[str] = _h("stages to run, in order (default: all)",
-                           default_factory=lambda: list(STAGE_NAMES))
+    stages: list[str] = _h(f"stages to run, in pipeline order ({', '.join(STAGE_NAMES)}); finished ones are "
+                           f"cached", default_factory=lambda: list(DEFAULT_STAGES))
     device: str = _h("auto, cpu, cuda or cuda:N", default="auto")
     seed: int = _h("seed of the corpus, the model init and the samples", default=0)
     # corpus
@@ -66,7 +95,7 @@ class RunOptions:
     model: str = _h("model preset (tiny, llama-tiny, mixtral-tiny, gpt2-124m)", default="tiny")
     model_config: dict = _h("ModelConfig fields overriding the preset, e.g. {n_layer: 4, n_embd: 192}",
                             default_factory=dict)
-    max_steps: int = _h("optimizer steps of pretraining", default=750)
+    max_steps: int = _h("optimizer steps of pretraining", default=500)
     batch_size: int = _h("sequences per step", default=8)
     seq_len: int = _h("tokens per sequence (256 holds a whole reading-comprehension probe)", default=256)
     lr: float = _h("peak learning rate", default=5e-3)
@@ -83,12 +112,38 @@ class RunOptions:
                                    "start of a validation document)", default_factory=list)
     sample_max_tokens: int = _h("tokens per sample", default=64)
     sample_temperature: float = _h("sampling temperature of the samples", default=0.8)
+    # the chat stages: each *_config holds fields of the library's own config for that stage
+    base_model: str = _h("stage import: a Hugging Face folder (or run dir) to start from instead of pretraining",
+                         default="")
+    sft_config: dict = _h("sft stage: lmstack.finetune FinetuneConfig fields (method full|lora|qlora, max_steps, "
+                          "...; keys not given keep their defaults); its data: tinyworld's tasks as chats, 'I don't "
+                          "know' on unseen entities",
+                          default_factory=lambda: dict(DEFAULT_SFT))
+    dpo_config: dict = _h("dpo stage: lmstack.align AlignConfig fields (tinyworld preference pairs)",
+                          default_factory=lambda: dict(DEFAULT_DPO))
+    grpo_config: dict = _h("grpo stage: lmstack.align AlignConfig fields (tinyworld arithmetic, verifiable reward)",
+                           default_factory=lambda: dict(DEFAULT_GRPO))
+    quant_config: dict = _h("quantize stage: lmstack.quant QuantConfig fields (method gptq|awq|rtn, bits, "
+                            "group_size, calib_samples, ...)", default_factory=lambda: dict(DEFAULT_QUANT))
+    measure_probes: int = _h("measure stage: held-out chat probes per task, asked of every stage's model",
+                             default=40)
+    measure_pairs: int = _h("measure stage: held-out preference pairs scored for every stage's model", default=200)
+    measure_arith: int = _h("measure stage: held-out arithmetic problems (GRPO's task) per model", default=100)
+    rag_questions: int = _h("rag stage: knowledge-base questions answered closed-book and with retrieval",
+                            default=100)
+    export_formats: list[str] = _h("export stage: gguf and/or hf (the final model)",
+                                   default_factory=lambda: ["gguf", "hf"])
+    gguf_type: str = _h("export stage: GGUF tensor type (f32, f16, q8_0, q4_0)", default="q8_0")
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.stages if s not in STAGE_NAMES]
-        if bad:
-            raise LmstackError(f"unknown stage {bad[0]!r}; valid stages: {', '.join(STAGE_NAMES)}")
-        self.stages = [s for s in STAGE_NAMES if s in self.stages]  # always run in pipeline order
+        check_stage_order(self)
+        # a recipe's *_config changes the keys it names; the other keys keep the defaults
+        for key, default in (("sft_config", DEFAULT_SFT), ("dpo_config", DEFAULT_DPO), ("grpo_config", DEFAULT_GRPO),
+                             ("quant_config", DEFAULT_QUANT)):
+            given = getattr(self, key)
+            if not isinstance(given, dict):
+                raise LmstackError(f"{key} must be a mapping of settings, got {given!r}")
+            setattr(self, key, {**default, **given})
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise LmstackError(f"name={self.name!r} must be a plain folder name, e.g. --name demo")
         for key in ("size_mb", "vocab_size", "max_steps", "batch_size", "seq_len", "lr",
@@ -97,7 +152,8 @@ class RunOptions:
                 raise LmstackError(f"{key}={getattr(self, key)!r} must be > 0")
         if not 0 <= self.noise <= 1:
             raise LmstackError(f"noise must be a probability in [0, 1], got {self.noise}")
-        for key in ("eval_max_tokens", "probe_limit", "probe_max_tokens", "sample_temperature", "doc_chars"):
+        for key in ("eval_max_tokens", "probe_limit", "probe_max_tokens", "sample_temperature", "doc_chars",
+                    "measure_probes", "measure_pairs", "measure_arith", "rag_questions"):
             if getattr(self, key) < 0:
                 raise LmstackError(f"{key}={getattr(self, key)!r} must be >= 0")
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
@@ -113,12 +169,73 @@ class RunOptions:
         return dataclasses.asdict(self)
 
 
+def check_stage_order(opts: RunOptions) -> None:
+    """Stages must be known, given once, in pipeline order, and a chat stage needs an sft before it;
+    the error names the stage."""
+    seen: list[str] = []
+    for s in opts.stages:
+        if s not in STAGE_NAMES:
+            raise LmstackError(f"unknown stage {s!r}; valid stages: {', '.join(STAGE_NAMES)}")
+        if s in seen:
+            raise LmstackError(f"stage {s!r} is listed twice in stages")
+        later = [t for t in seen if STAGE_NAMES.index(t) > STAGE_NAMES.index(s)]
+        if later:
+            raise LmstackError(f"stage {later[0]!r} is listed before {s!r} but must run after it (it may use what "
+                               f"{s!r} makes); list stages in pipeline order: {' -> '.join(STAGE_NAMES)}")
+        seen.append(s)
+    if "import" in seen and "pretrain" in seen:
+        raise LmstackError("stages 'import' and 'pretrain' both make the base model; keep one (import with "
+                           "base_model: an HF folder, or pretrain from the corpus)")
+    if opts.base_model and "pretrain" in seen:
+        raise LmstackError(f"base_model={opts.base_model!r} is read by stage 'import', but stages {seen} pretrain a "
+                           f"model instead; use --recipe recipes/hf-chat.yaml, or stages without pretrain and its "
+                           f"data stages, e.g. --stages import,sft,dpo,grpo,quantize,measure,report")
+    if "import" in seen and not opts.base_model:
+        raise LmstackError("stage 'import' needs base_model: a Hugging Face folder (or a run dir) to start from")
+    for s in CHAT_STAGES:
+        if s in seen and model_input(opts, s) in ("import", "pretrain"):
+            raise LmstackError(f"stage {s!r} aligns a chat model, but no 'sft' stage comes before it in stages "
+                               f"{seen}; add 'sft' before {s!r} (a finished sft stage is cached, not redone)")
+
+
+def model_input(opts: RunOptions, stage: str) -> str | None:
+    """The stage whose model `stage` starts from: the nearest model-making stage before it among
+    the recipe's stages; when none is listed, the one before it in the full chain (whose output
+    must then be finished and cached). None for the stages that start a model (import, pretrain)."""
+    if stage not in MODEL_STAGES[2:]:
+        return None
+    at = MODEL_STAGES.index(stage)
+    listed = [s for s in opts.stages if s in MODEL_STAGES and MODEL_STAGES.index(s) < at]
+    if listed:
+        return listed[-1]
+    prev = MODEL_STAGES[at - 1]
+    return base_stage(opts) if prev == "pretrain" else prev
+
+
+def base_stage(opts: RunOptions) -> str:
+    return "import" if ("import" in opts.stages or (opts.base_model and "pretrain" not in opts.stages)) \
+        else "pretrain"
+
+
+def model_chain(opts: RunOptions) -> list[str]:
+    """Every model the run makes, from the base to the final one (what the measure stage compares):
+    the model stages among the recipe's stages; when stages names none (`--stages measure,report`
+    after a full run), the whole default chain, whose outputs must then be finished."""
+    later = [s for s in MODEL_STAGES[2:] if s in opts.stages]
+    if not later and not any(s in opts.stages for s in MODEL_STAGES[:2]):
+        later = list(MODEL_STAGES[2:])
+    return [base_stage(opts)] + later
+
+
 def check_nested(opts: RunOptions) -> None:
-    """Reject unknown keys and bad values in the model and training settings before any work starts."""
+    """Reject unknown keys and bad values in the model, training and chat-stage settings before any
+    work starts."""
     import difflib
 
     from lmstack.model import ModelConfig
     from lmstack.train import TrainConfig
+
+    _check_stage_configs(opts)
 
     # Keys the pipeline sets itself from its own options; overriding them here would be ambiguous.
     # (resume: the pipeline resumes an interrupted pretrain stage by itself)
@@ -183,3 +300,60 @@ def check_vocab(opts: RunOptions) -> None:
     if opts.vocab_size < floor:
         raise LmstackError(f"vocab_size={opts.vocab_size} is too small: the tokenizer needs at least 256 byte "
                            f"tokens + {len(SPECIAL_TOKENS)} special tokens = {floor}")
+
+
+def stage_configs(opts: RunOptions, model: str = "base", out: str = "out") -> dict:
+    """The library configs of the chat stages (FinetuneConfig, AlignConfig x2, QuantConfig) as the
+    recipe means them, with `model` and `out` filled in."""
+    from lmstack.align.config import AlignConfig
+    from lmstack.finetune.config import FinetuneConfig
+    from lmstack.quant import QuantConfig
+
+    common = {"model": model, "out": out, "device": opts.device, "seed": opts.seed}
+    world = opts.seed if opts.corpus == "tinyworld" else 0
+    quant = dict(opts.quant_config)
+    for key in ("targets", "exclude"):
+        if isinstance(quant.get(key), list):
+            quant[key] = tuple(quant[key])
+    return {
+        "sft_config": lambda: FinetuneConfig(**{**opts.sft_config, **common, "tinyworld_seed": world,
+                                                "probes_per_task": 0, "report": False}),
+        "dpo_config": lambda: AlignConfig(**{**opts.dpo_config, **common, "method": "dpo", "tinyworld_seed": world}),
+        "grpo_config": lambda: AlignConfig(**{**opts.grpo_config, **common, "method": "grpo",
+                                              "tinyworld_seed": world}),
+        "quant_config": lambda: QuantConfig(**quant),
+    }
+
+
+def _check_stage_configs(opts: RunOptions) -> None:
+    import difflib
+
+    from lmstack.align.config import AlignConfig
+    from lmstack.finetune.config import FinetuneConfig
+    from lmstack.quant import QuantConfig, QuantError
+
+    classes = {"sft_config": FinetuneConfig, "dpo_config": AlignConfig, "grpo_config": AlignConfig,
+               "quant_config": QuantConfig}
+    makers = stage_configs(opts)
+    for what, cls in classes.items():
+        given = getattr(opts, what)
+        if not isinstance(given, dict):
+            raise LmstackError(f"{what} must be a mapping of {cls.__name__} fields, got {given!r}")
+        valid = sorted({f.name for f in dataclasses.fields(cls)} - OWNED[what])
+        for key in given:
+            if key in OWNED[what]:
+                raise LmstackError(f"{what} key {key!r} is set by the pipeline (from the run's own settings)")
+            if key not in valid:
+                close = difflib.get_close_matches(str(key), valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise LmstackError(f"unknown {what} key {key!r}{hint}; valid keys: {', '.join(valid)}")
+        stage = {"sft_config": "sft", "dpo_config": "dpo", "grpo_config": "grpo", "quant_config": "quantize"}[what]
+        if stage not in opts.stages:
+            continue
+        try:
+            makers[what]()
+        except (ValueError, TypeError, QuantError) as e:
+            raise LmstackError(f"stage {stage!r}: {what}: {e}") from None
+    bad = [f for f in opts.export_formats if f not in ("gguf", "hf")]
+    if bad:
+        raise LmstackError(f"export_formats {bad} are not valid; choose gguf and/or hf")

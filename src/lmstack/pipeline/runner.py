@@ -32,6 +32,7 @@ class StageRecord:
     key: str
     status: str = "pending"          # ran | cached | not selected
     seconds: float = 0.0             # time of the run that produced the output
+    cpu_seconds: float = 0.0         # CPU time of this process meanwhile (what the stage cost on a busy machine)
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,11 +66,15 @@ class Run:
 class Stage:
     name: str
     help: str
-    needs: tuple[str, ...]
+    needs: tuple[str, ...] | Callable[[RunOptions], tuple[str, ...]]   # stages it reads (may depend on the recipe)
     params: Callable[[RunOptions], dict]       # the options this stage's output depends on
     run: Callable[[Run], dict]                 # does the work, returns its numbers
     outputs: Callable[[Run], list[Path]]       # must exist for a cached result to be reused
     cache: bool = True                         # False: always re-run (cheap, reads everything)
+    estimate: Callable[[RunOptions, float], float] | None = None   # seconds, given train tokens/s (for ETAs)
+
+    def needs_for(self, opts: RunOptions) -> tuple[str, ...]:
+        return tuple(self.needs(opts)) if callable(self.needs) else self.needs
 
 
 def _hash(obj: Any) -> str:
@@ -80,8 +85,17 @@ def stage_keys(stages: list[Stage], opts: RunOptions) -> dict[str, str]:
     keys: dict[str, str] = {}
     for s in stages:
         keys[s.name] = _hash({"stage": s.name, "version": CACHE_VERSION, "params": s.params(opts),
-                              "needs": [keys[n] for n in s.needs]})
+                              "needs": [keys[n] for n in s.needs_for(opts)]})
     return keys
+
+
+# Train tokens/s assumed for ETAs until this run's pretraining (or an earlier one) has measured its own.
+DEFAULT_TOKENS_PER_S = 4000.0
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def _load_key(path: Path) -> str | None:
@@ -98,7 +112,8 @@ def _load_record(path: Path, key: str) -> StageRecord | None:
         return None
     if not isinstance(rec, dict) or rec.get("key") != key:
         return None
-    return StageRecord(rec["name"], key, "cached", float(rec.get("seconds", 0.0)), rec.get("numbers", {}))
+    return StageRecord(rec["name"], key, "cached", float(rec.get("seconds", 0.0)), float(rec.get("cpu_seconds", 0.0)),
+                       rec.get("numbers", {}))
 
 
 def run_stages(stages: list[Stage], opts: RunOptions, force: bool = False,
@@ -113,7 +128,7 @@ def run_stages(stages: list[Stage], opts: RunOptions, force: bool = False,
     (run.dir / "stages").mkdir(exist_ok=True)
 
     # Unselected stages must already be done (same key), or nothing downstream can use them.
-    needed = {n for s in stages if s.name in selected for n in s.needs}
+    needers = {n: s.name for s in stages if s.name in selected for n in s.needs_for(opts)}
     for s in stages:
         if s.name in selected:
             continue
@@ -121,35 +136,49 @@ def run_stages(stages: list[Stage], opts: RunOptions, force: bool = False,
         if rec is not None and all(p.exists() for p in s.outputs(run)):
             rec.status = "not selected"
             run.records[s.name] = rec
-        elif s.name in needed:
-            raise LmstackError(f"stage {s.name!r} is needed by a selected stage but has no up-to-date "
-                               f"output in {run.dir}; add it to --stages")
+        elif s.name in needers:
+            raise LmstackError(f"stage {needers[s.name]!r} needs the output of stage {s.name!r}, which has no "
+                               f"up-to-date output in {run.dir}; add {s.name!r} to --stages before it")
 
     atomic_write_text(run.dir / "recipe.yaml", yaml.safe_dump(opts.to_recipe(), sort_keys=False))
     t_all = time.perf_counter()
-    for s in stages:
-        if s.name not in selected:
-            continue
+    todo = [s for s in stages if s.name in selected]
+    for i, s in enumerate(todo):
         record_path = run.dir / "stages" / f"{s.name}.json"
         rec = None if (force or not s.cache) else _load_record(record_path, keys[s.name])
         if rec is not None and all(p.exists() for p in s.outputs(run)):
             log(f"[{s.name}] cached (key {keys[s.name]}), skipping")
             run.records[s.name] = rec
             continue
-        log(f"[{s.name}] {s.help}")
+        left = _estimates(todo[i:], run, force, keys)
+        log(f"[{s.name}] stage {i + 1}/{len(todo)}: {s.help}; ETA this stage ~{_clock(left[0])}, "
+            f"whole run ~{_clock(sum(left))} left")
         started = run.dir / "stages" / f"{s.name}.started.json"
         run.resuming = not force and _load_key(started) == keys[s.name]
         atomic_write_json(started, {"name": s.name, "key": keys[s.name]})
-        t0 = time.perf_counter()
-        numbers = s.run(run)
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            numbers = s.run(run)
+        except Exception as e:        # KeyboardInterrupt passes through untouched (the CLI explains it)
+            run.records[s.name] = StageRecord(s.name, keys[s.name], "failed", time.perf_counter() - t0,
+                                              time.process_time() - c0, {"error": f"{type(e).__name__}: {e}"})
+            _write_summary(run, opts, t_all)
+            done = [n for n, r in run.records.items() if r.status in ("ran", "cached", "not selected")]
+            raise LmstackError(f"stage {s.name!r} failed: {e}\nthe stages before it are kept in {run.dir} "
+                               f"({', '.join(done) or 'none'}); run the same command again to continue from "
+                               f"{s.name!r}") from e
         started.unlink(missing_ok=True)
         run.resuming = False
-        rec = StageRecord(s.name, keys[s.name], "ran", time.perf_counter() - t0, numbers)
+        rec = StageRecord(s.name, keys[s.name], "ran", time.perf_counter() - t0, time.process_time() - c0, numbers)
         run.records[s.name] = rec
         if s.cache:
             atomic_write_json(record_path, {"name": s.name, "key": rec.key, "seconds": rec.seconds,
-                                            "numbers": numbers})
+                                            "cpu_seconds": rec.cpu_seconds, "numbers": numbers})
         log(f"[{s.name}] done in {rec.seconds:.1f}s")
+    return _write_summary(run, opts, t_all)
+
+
+def _write_summary(run: Run, opts: RunOptions, t_all: float) -> dict:
     summary = {
         "name": opts.name,
         "run_dir": str(run.dir),
@@ -159,6 +188,21 @@ def run_stages(stages: list[Stage], opts: RunOptions, force: bool = False,
     }
     atomic_write_json(run.dir / "summary.json", summary)
     return summary
+
+
+def _estimates(stages: list[Stage], run: Run, force: bool, keys: dict[str, str]) -> list[float]:
+    """Seconds each of `stages` will take: 0 when cached, else the stage's estimate from the train
+    tokens/s this run's pretraining measured (or DEFAULT_TOKENS_PER_S before it has)."""
+    pre = run.records.get("pretrain")
+    speed = (pre.numbers.get("tokens_per_s") if pre else None) or DEFAULT_TOKENS_PER_S
+    out = []
+    for s in stages:
+        rec = None if (force or not s.cache) else _load_record(run.dir / "stages" / f"{s.name}.json", keys[s.name])
+        if rec is not None and all(p.exists() for p in s.outputs(run)):
+            out.append(0.0)
+        else:
+            out.append(s.estimate(run.opts, speed) if s.estimate else 1.0)
+    return out
 
 
 def clear_outputs(paths: list[Path]) -> None:
@@ -220,3 +264,13 @@ def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def format_effects(run_dir: str | Path) -> str:
+    """Each stage's measured effect from RUN_DIR/measure.json ('' when there is none)."""
+    try:
+        effects = json.loads((Path(run_dir) / "measure.json").read_text(encoding="utf-8")).get("effects", [])
+    except (OSError, json.JSONDecodeError):
+        return ""
+    return "\n".join(f"{e['stage']:<9} {e['metric']:<36} {e['before']:.3f} -> {e['after']:.3f}  {e['verdict']}"
+                     for e in effects)

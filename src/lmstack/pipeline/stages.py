@@ -1,7 +1,8 @@
-"""The stages of the main job, in order: corpus -> tokenizer -> shards -> pretrain -> evaluate
--> sample -> report. Each takes the `Run` context, does one job, and returns the numbers shown
-in the summary table and the report. Heavy imports live inside the stages so `lmstack run
---help` stays fast.
+"""The stages of the main job, in order: (import |) corpus -> tokenizer -> shards -> pretrain ->
+evaluate -> sample -> sft -> dpo -> grpo -> quantize -> measure -> rag -> export -> report. The
+first ones and the report are here; the chat stages in chat_stages.py, measure and rag in
+measure.py. Each takes the `Run` context, does one job, and returns the numbers shown in the
+summary table and the report. Heavy imports live inside the stages so `lmstack run --help` stays fast.
 """
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import json
 import time
 from pathlib import Path
 
+from lmstack.pipeline.chat_stages import (dpo, estimate_dpo, estimate_export, estimate_grpo, estimate_quantize,
+                                          estimate_sft, export, export_outputs, grpo, import_base, model_dir,
+                                          quantize, sft)
 from lmstack.pipeline.data import build_corpus_dir, train_tokenizer, write_token_shards
-from lmstack.pipeline.options import train_config_for
+from lmstack.pipeline.measure import estimate_measure, estimate_rag, measure, rag
+from lmstack.pipeline.options import model_chain, model_input, train_config_for
+from lmstack.pipeline.report_chat import chat_sections
 from lmstack.pipeline.runner import Run, Stage, clear_outputs
 from lmstack.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -235,13 +241,18 @@ def report(run: Run) -> dict:
     during = [{"step": m["step"], "samples": m["samples"]} for m in metrics
               if m.get("split") == "sample" and isinstance(m.get("samples"), list)]
     o = run.opts
+    tables, more = chat_sections(run)
+    for name, caption, png in more:
+        atomic_write_bytes(run.dir / "figures" / name, png)
+    figures += more
     page = render_report(
         title=f"lmstack run: {o.name}",
-        subtitle=f"corpus {o.corpus} ({o.size_mb} MB), vocab {o.vocab_size}, model {o.model}, "
-                 f"{o.max_steps} steps x {o.batch_size} x {o.seq_len} tokens; "
-                 f"written {time.strftime('%Y-%m-%d %H:%M')}",
+        subtitle=(f"base model {o.base_model}; " if "import" in run.records else
+                  f"corpus {o.corpus} ({o.size_mb} MB), vocab {o.vocab_size}, model {o.model}, "
+                  f"{o.max_steps} steps x {o.batch_size} x {o.seq_len} tokens; ")
+        + f"stages {' -> '.join(o.stages)}; written {time.strftime('%Y-%m-%d %H:%M')}",
         headline=headline, stages=stages, figures=[(c, png) for _, c, png in figures], probes=ev.get("probes", []),
-        samples=samples, recipe=o.to_recipe(), training_samples=during)
+        samples=samples, recipe=o.to_recipe(), training_samples=during, tables=tables)
     atomic_write_text(run.dir / "report.html", page)
     return {"figures": len(figures), "report_kb": round(len(page) / 1024, 1)}
 
@@ -258,26 +269,64 @@ def _p(*keys: str):
     return lambda o: {k: getattr(o, k) for k in keys}
 
 
+def _after(stage: str):
+    """needs of a model stage: the model it starts from (depends on the recipe's stages)."""
+    return lambda o: (model_input(o, stage),)
+
+
+def _secs(x: float):
+    return lambda o, tok_s: x
+
+
+def _pretrain_estimate(o, tok_s: float) -> float:
+    return o.max_steps * o.batch_size * o.seq_len / tok_s + 5
+
+
 STAGES: list[Stage] = [
+    Stage("import", "import the base model (a Hugging Face folder)", (), _p("base_model"), import_base,
+          lambda r: [r.dir / "base" / "config.json"], estimate=_secs(10)),
     Stage("corpus", "build the corpus, split it, write probes", (),
           _p("corpus", "size_mb", "seed", "dedupe", "near_threshold", "noise", "val_frac", "test_frac", "doc_chars",
              "field", "errors"), corpus,
-          lambda r: [r.data_dir / "meta.json", r.data_dir / "docs" / "train.jsonl"]),
+          lambda r: [r.data_dir / "meta.json", r.data_dir / "docs" / "train.jsonl"], estimate=_secs(10)),
     Stage("tokenizer", "train the byte-level BPE tokenizer on the train docs", ("corpus",),
           _p("vocab_size", "tokenizer_pattern"), tokenizer,
-          lambda r: [r.dir / "tokenizer.json", r.data_dir / "tokenizer.json"]),
+          lambda r: [r.dir / "tokenizer.json", r.data_dir / "tokenizer.json"], estimate=_secs(10)),
     Stage("shards", "tokenize train/val into token shards", ("tokenizer",), _p(), shards,
-          lambda r: [r.data_dir / "shards" / "meta.json"]),
+          lambda r: [r.data_dir / "shards" / "meta.json"], estimate=_secs(5)),
     Stage("pretrain", "pretrain the model (causal LM)", ("shards",),
           _p("model", "model_config", "max_steps", "batch_size", "seq_len", "lr", "seed", "device",
-             "train_config"), pretrain, _pretrain_outputs),
+             "train_config"), pretrain, _pretrain_outputs, estimate=_pretrain_estimate),
     Stage("evaluate", "val loss, unigram entropy, exact-match probes", ("pretrain",),
           _p("eval_max_tokens", "probe_limit", "probe_max_tokens"), evaluate,
-          lambda r: [r.dir / "eval.json"]),
+          lambda r: [r.dir / "eval.json"], estimate=_secs(30)),
     Stage("sample", "sample continuations of a few prompts", ("pretrain",),
           _p("sample_prompts", "sample_max_tokens", "sample_temperature", "seed"), sample,
-          lambda r: [r.dir / "samples.json"]),
+          lambda r: [r.dir / "samples.json"], estimate=_secs(5)),
+    Stage("sft", "instruction tuning: tinyworld's tasks as chats, 'I don't know' on unseen entities",
+          _after("sft"), lambda o: {"sft": o.sft_config, "world": o.seed if o.corpus == "tinyworld" else 0},
+          sft, lambda r: [model_dir(r, "sft") / "config.json"], estimate=estimate_sft),
+    Stage("dpo", "DPO on held-in preference pairs (right answer vs a plausible wrong one)", _after("dpo"),
+          lambda o: {"dpo": o.dpo_config, "seed": o.seed}, dpo, lambda r: [r.dir / "dpo" / "config.json"],
+          estimate=estimate_dpo),
+    Stage("grpo", "GRPO on arithmetic with a verifiable reward (exact answer)", _after("grpo"),
+          lambda o: {"grpo": o.grpo_config, "seed": o.seed}, grpo, lambda r: [r.dir / "grpo" / "config.json"],
+          estimate=estimate_grpo),
+    Stage("quantize", "weight-only quantization (GPTQ or AWQ) of the last model", _after("quantize"),
+          lambda o: {"quant": o.quant_config}, quantize, lambda r: [r.dir / "quantized" / "config.json"],
+          estimate=estimate_quantize),
+    Stage("measure", "every stage's model on the same held-out sets; size and speed of the quantized model",
+          lambda o: tuple(model_chain(o)),
+          lambda o: {"probes": o.measure_probes, "pairs": o.measure_pairs, "arith": o.measure_arith,
+                     "world": o.seed if o.corpus == "tinyworld" else 0},
+          measure, lambda r: [r.dir / "measure.json"], estimate=estimate_measure),
+    Stage("rag", "knowledge-base questions closed-book vs with retrieval (BM25)", lambda o: (model_chain(o)[0],),
+          lambda o: {"questions": o.rag_questions, "world": o.seed if o.corpus == "tinyworld" else 0}, rag,
+          lambda r: [r.dir / "rag.json"], estimate=estimate_rag),
+    Stage("export", "write the final model as GGUF and as a Hugging Face folder", lambda o: (model_chain(o)[-1],),
+          lambda o: {"formats": o.export_formats, "gguf_type": o.gguf_type}, export, export_outputs,
+          estimate=estimate_export),
     Stage("report", "write report.html with figures, the stage table and samples", (),
-          lambda o: {}, report, lambda r: [r.dir / "report.html"], cache=False),
+          lambda o: {}, report, lambda r: [r.dir / "report.html"], cache=False, estimate=_secs(5)),
 ]
 

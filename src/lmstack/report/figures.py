@@ -120,3 +120,22 @@ def probe_accuracy_png(results: list[dict], title: str = "Held-out probes (exact
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
+
+
+def grouped_bars_png(groups: list[str], series: dict[str, list[float | None]], title: str,
+                     ylabel: str = "share of held-out questions") -> bytes:
+    """Bars per group (x axis), one bar per series (e.g. metrics x the models of a run); None = no bar."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 4.0))
+    w = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * w for g in range(len(groups))]
+        ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None], w,
+               label=name)
+    ax.set_xticks(list(range(len(groups))), groups, rotation=15, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)

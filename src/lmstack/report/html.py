@@ -60,13 +60,15 @@ def _numbers(d: dict) -> str:
 
 def render_report(title: str, subtitle: str, headline: list[tuple[str, Any]], stages: list[dict],
                   figures: list[tuple[str, bytes]], probes: list[dict], samples: list[dict],
-                  recipe: dict, training_samples: list[dict] | None = None) -> str:
+                  recipe: dict, training_samples: list[dict] | None = None,
+                  tables: list[tuple[str, str, list[str], list[list]]] | None = None) -> str:
     """The page as a string.
 
     stages:  [{"name", "status", "seconds", "numbers": {...}}]
     figures: [(caption, png_bytes)]
     probes:  ProbeResult.to_dict() rows; samples: [{"prompt", "completion"}]
     training_samples: [{"step", "samples": [{"prompt", "completion"}]}] (greedy, during training)
+    tables:  [(title, note, header, rows)] shown after the headline (e.g. each stage's measured effect)
     """
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
            f"<style>{_CSS}</style></head><body>",
@@ -76,6 +78,15 @@ def render_report(title: str, subtitle: str, headline: list[tuple[str, Any]], st
         out += [f"<div class='card'><div class='v'>{_esc(fmt(v))}</div><div class='l'>{_esc(k)}</div></div>"
                 for k, v in headline]
         out.append("</div>")
+
+    for title, note, header, rows in tables or []:
+        out.append(f"<h2>{_esc(title)}</h2>" + (f"<p>{_esc(note)}</p>" if note else "") + "<table><tr>"
+                   + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>")
+        for row in rows:
+            out.append("<tr>" + "".join(f"<td class='num'>{_esc(fmt(v))}</td>" if isinstance(v, (int, float))
+                                        and not isinstance(v, bool) else f"<td>{_esc(fmt(v))}</td>"
+                                        for v in row) + "</tr>")
+        out.append("</table>")
 
     out.append("<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>time (s)</th><th>numbers</th></tr>")
     for s in stages:
