@@ -89,19 +89,46 @@ def test_scores_equal_a_plain_forward_and_do_not_depend_on_batch_size(tokenizer)
 def test_shared_contexts_are_computed_once(tokenizer, batch_size):
     block = 8
     llm = tiny_llm(tokenizer, block_size=block)
-    pairs = random_pairs(n_contexts=6, n_choices=4)
+    pairs = random_pairs(n_contexts=8, n_choices=4, seed=9)
     before = llm.stats()["prompt_tokens"]
     loglikelihood_tokens(llm, pairs, batch_size=batch_size)
     computed = llm.stats()["prompt_tokens"] - before
-    # the first choice of a context computes everything; every other one reuses the context's
-    # whole blocks before its last token (whose logits score the first continuation token)
-    want, seen = 0, set()
-    for ctx, cont in pairs:
-        reused = (len(ctx) - 1) // block * block if tuple(ctx) in seen else 0
-        want += len(ctx) + len(cont) - reused
-        seen.add(tuple(ctx))
+    # One request leads each context and computes it; every other choice reuses the context's
+    # whole blocks before its last token (whose logits score the first continuation token).
+    # With two or more one-token choices the leader is context + one of those tokens, scored
+    # over the whole vocabulary, and the other one-token choices cost nothing.
+    want, kinds = 0, set()
+    contexts = {tuple(c): [x for c2, x in pairs if c2 == c] for c, _ in pairs}
+    for ctx, conts in contexts.items():
+        reused = (len(ctx) - 1) // block * block
+        ones = [x for x in conts if len(x) == 1]
+        if len(ones) >= 2:
+            kinds.add("one-token leader")
+            want += len(ctx) + 1 + sum(len(ctx) + len(x) - reused for x in conts if len(x) > 1)
+        else:
+            kinds.add("first pair leads")
+            want += len(ctx) + len(conts[0]) + sum(len(ctx) + len(x) - reused for x in conts[1:])
+    assert kinds == {"one-token leader", "first pair leads"}         # both cases were exercised
     naive = sum(len(c) + len(x) for c, x in pairs)
     assert computed == want < naive
+
+
+@pytest.mark.parametrize("batch_size", [1, 64])
+def test_contexts_sharing_a_prefix_compute_it_once(tokenizer, batch_size):
+    """Few-shot contexts that start alike: the first of them runs one engine call before the
+    others, which find the shared blocks in the prefix cache."""
+    block, shared = 8, list(range(5, 25))                           # 20 shared tokens: 2 whole blocks
+    contexts = [shared + [40 + 10 * q + j for j in range(10)] for q in range(3)]
+    pairs = [(c, [70 + k, 71 + k]) for c in contexts for k in range(2)]
+    llm = tiny_llm(tokenizer, block_size=block)
+    before = llm.stats()["prompt_tokens"]
+    got = loglikelihood_tokens(llm, pairs, batch_size=batch_size)
+    computed = llm.stats()["prompt_tokens"] - before
+    # first context: 32 + (32 - 24); each other: its leader 32 - 16 (the shared blocks), its second choice 32 - 24
+    assert computed == 40 + 2 * (16 + 8)
+    want = [plain_scores(llm.model, c, x) for c, x in pairs]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) < 1e-4
+    assert [g for _, g in got] == [g for _, g in want]
 
 
 def test_text_pairs_through_a_run_directory_and_an_llm(tokenizer, tmp_path):

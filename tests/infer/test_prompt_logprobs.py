@@ -88,9 +88,28 @@ def test_preemption_and_forks_keep_prompt_logprobs():
     llm.engine.block_manager.check_no_leaks()
 
 
+def test_whole_vocabulary_rows(model):
+    """prompt_logprobs=-1 (vLLM's): every token's logprob and rank, as the plain forward's."""
+    llm = LLM(model, block_size=4, kv_cache_tokens=512)
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=1, prompt_logprobs=-1, prompt_logprobs_start=20))[0]
+    ref = reference(model, PROMPT)
+    assert all(e is None for e in out.prompt_logprobs[:20])
+    for i in range(20, len(PROMPT)):
+        row = out.prompt_logprobs[i]
+        assert len(row) == ref.shape[1] and list(row) == list(range(ref.shape[1]))
+        got = torch.tensor([row[t].logprob for t in range(len(row))], dtype=torch.float64)
+        assert (got - ref[i]).abs().max() < 1e-5
+        for t in (PROMPT[i], int(ref[i].argmax()), int(ref[i].argmin())):
+            assert row[t].rank == int((got > got[t]).sum()) + 1
+        with pytest.raises(KeyError):
+            row[len(row)]
+
+
 def test_bad_prompt_logprobs_params():
-    with pytest.raises(ValueError, match="prompt_logprobs must be None or in"):
+    with pytest.raises(ValueError, match="prompt_logprobs must be None, -1 .whole vocabulary. or in"):
         SamplingParams(prompt_logprobs=21)
+    with pytest.raises(ValueError, match="prompt_logprobs must be None, -1"):
+        SamplingParams(prompt_logprobs=-2)
     with pytest.raises(ValueError, match="prompt_logprobs_start must be >= 0"):
         SamplingParams(prompt_logprobs=0, prompt_logprobs_start=-1)
     llm = LLM(tiny_model(0), kv_cache_tokens=512)

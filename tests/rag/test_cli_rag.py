@@ -85,3 +85,27 @@ def test_dense_mode_needs_embeddings(setup, capsys):
     capsys.readouterr()
     assert main(["rag", "ask", str(run), str(root / "bm"), "q", "--mode", "dense"]) == 1
     assert "no embeddings" in capsys.readouterr().err
+
+
+def test_index_with_a_trained_encoder_and_ask_with_it(setup, capsys):
+    """--encoder-steps: the index is embedded by the trained encoder kept in IDX/encoder, and
+    `ask` embeds the question with that encoder (the library's answer, dense mode)."""
+    from lmstack.rag import ContrastiveEncoder, DenseRetriever
+
+    root, docs, run = setup
+    idx = root / "idx-enc"
+    assert main(["rag", "index", str(docs), "--out", str(idx), "--run", str(run), "--chunk-tokens", "8",
+                 "--overlap", "2", "--encoder-steps", "3"]) == 0
+    assert "encoder trained 3 steps" in capsys.readouterr().out
+    index = Index.load(idx)
+    tok = Tokenizer.load(run / "tokenizer.json")
+    enc = ContrastiveEncoder.load(idx / "encoder", tok)
+    assert index.encoder["kind"] == "contrastive" and index.encoder["fingerprint"] == enc.fingerprint
+    assert sorted(p.name for p in (idx / "encoder").iterdir()) == ["config.json", "model.safetensors"]
+    question = "where does Bolo live?"
+    assert main(["rag", "ask", str(run), str(idx), question, "--k", "2", "--max-tokens", "6", "--mode", "dense"]) == 0
+    llm = LLM(str(run), max_num_seqs=1)
+    want = answer(llm, DenseRetriever(index, enc), question, k=2, max_tokens=6)
+    assert capsys.readouterr().out.splitlines()[0] == want.text
+    assert main(["rag", "index", str(docs), "--out", str(root / "x"), "--encoder-steps", "3"]) == 1
+    assert "--encoder-steps needs --run" in capsys.readouterr().err

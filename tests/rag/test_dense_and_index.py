@@ -106,3 +106,13 @@ def test_empty_index_is_an_error_and_save_protects_other_folders(tmp_path, tok):
     with pytest.raises(LmstackError, match="not an index folder"):
         Index.build(DOCS, tok).save(tmp_path / "notes")
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_an_empty_index_is_refused(tok):
+    """No documents, or only empty ones, is a clear error at build time, not an index whose
+    every search returns nothing."""
+    for docs in ([], [("a", ""), ("b", "")]):
+        with pytest.raises(LmstackError, match="the index would be empty"):
+            Index.build(docs, tok)
+    with pytest.raises(LmstackError, match="the index is empty"):
+        Index([])

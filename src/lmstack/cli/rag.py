@@ -3,6 +3,7 @@
     lmstack rag index notes/ --out idx --run runs/tiny        # BM25 + dense embeddings of runs/tiny
     lmstack rag index docs.jsonl --out idx                    # BM25 only ({"id", "text"} lines)
     lmstack rag index tinyworld --out idx --run runs/tiny     # tinyworld's knowledge base
+    lmstack rag index tinyworld --out idx --run runs/tiny --encoder-steps 150   # + a trained encoder
     lmstack rag ask runs/tiny idx "where does Bolo live?" --k 3
 
 `ask` prints the answer with numbered citations, then the cited sources with their document
@@ -29,6 +30,10 @@ class RagIndexOptions:
     layer: int = field(default=0, metadata={
         "help": "hidden-state layer mean-pooled into embeddings (0 = token embeddings: the best recall on "
                 "tinyworld's KB, see benchmarks/bench_rag.py; -1 = last layer)"})
+    encoder_steps: int = field(default=0, metadata={
+        "help": "train a small encoder contrastively on the documents for this many steps and embed with it "
+                "instead of --layer (rag/contrastive.py; kept in IDX/encoder; DOCS=tinyworld also trains on "
+                "questions about the pretraining world). 0 = no encoder"})
     seed: int = field(default=0, metadata={"help": "tinyworld seed (DOCS=tinyworld)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
 
@@ -68,6 +73,10 @@ def _index(args) -> int:
         if tok is None:
             raise LmstackError(f"{opts.run} has no tokenizer.json; chunking needs the run's tokenizer")
         encoder = DenseEncoder(model, tok, layer=opts.layer)
+    elif opts.encoder_steps:
+        raise LmstackError("--encoder-steps needs --run: the encoder starts from the run's model")
+    if opts.encoder_steps:
+        return _index_with_encoder(args, opts, docs, model, tok)
     index = Index.build(docs, tok, chunk_tokens=opts.chunk_tokens, overlap=opts.overlap, encoder=encoder)
     index.save(opts.out)
     dense = f", dense dim {index.embeddings.shape[1]} (layer {encoder.layer})" if encoder else ", BM25 only"
@@ -75,9 +84,38 @@ def _index(args) -> int:
     return 0
 
 
-def make_retriever(mode: str, index, llm, opts: RagAskOptions):
-    """The retriever a mode names (None for closed book)."""
-    from lmstack.rag import BM25Retriever, DenseEncoder, DenseRetriever, HybridRetriever
+def _index_with_encoder(args, opts: RagIndexOptions, docs, model, tok) -> int:
+    """Train the encoder in a scratch folder beside IDX, embed with it, then keep it in IDX/encoder."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from lmstack.rag import Index, tinyworld_world_pairs, train_encoder
+    from lmstack.rag.contrastive import ENCODER_DIR
+
+    if opts.encoder_steps < 0:
+        raise LmstackError(f"--encoder-steps must be >= 0, got {opts.encoder_steps}")
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pairs = tinyworld_world_pairs(opts.seed) if args.docs == "tinyworld" else None
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.encoder-") as tmp:
+        encoder, result = train_encoder(model, tok, docs, Path(tmp) / ENCODER_DIR, pairs=pairs,
+                                        steps=opts.encoder_steps, chunk_tokens=opts.chunk_tokens,
+                                        overlap=opts.overlap, device=str(next(model.parameters()).device))
+        index = Index.build(docs, tok, chunk_tokens=opts.chunk_tokens, overlap=opts.overlap, encoder=encoder)
+        index.save(out)
+        shutil.copytree(Path(tmp) / ENCODER_DIR, out / ENCODER_DIR,
+                        ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "tb", "train_config.json"))
+    print(f"indexed {len(docs)} documents as {len(index)} chunks into {out}, dense dim {encoder.dim} from an "
+          f"encoder trained {result['steps']} steps (final loss {result['train_loss']:.3f}, in {out / ENCODER_DIR})")
+    return 0
+
+
+def make_retriever(mode: str, index, llm, opts: RagAskOptions, index_dir: str | None = None):
+    """The retriever a mode names (None for closed book). `index_dir`: where an index embedded
+    by a trained encoder keeps it (IDX/encoder)."""
+    from lmstack.rag import BM25Retriever, DenseRetriever, HybridRetriever
+    from lmstack.rag.contrastive import query_encoder
 
     if mode not in MODES:
         raise LmstackError(f"unknown --mode {mode!r}; valid: {', '.join(MODES)}")
@@ -88,8 +126,8 @@ def make_retriever(mode: str, index, llm, opts: RagAskOptions):
     bm25 = BM25Retriever(index, opts.bm25_min_score)
     if mode == "bm25":
         return bm25
-    layer = (index.encoder or {}).get("layer", -1)
-    dense = DenseRetriever(index, DenseEncoder(llm.model, llm.tokenizer, layer=layer), opts.dense_min_score)
+    encoder = query_encoder(index_dir or ".", index, llm.model, llm.tokenizer)
+    dense = DenseRetriever(index, encoder, opts.dense_min_score)
     return dense if mode == "dense" else HybridRetriever([bm25, dense])
 
 
@@ -102,7 +140,7 @@ def _ask(args) -> int:
     llm = LLM(args.model, device=opts.device, max_num_seqs=1)
     if llm.tokenizer is None:
         raise LmstackError(f"{args.model} has no tokenizer.json; `rag ask` needs text in and out")
-    ans = answer(llm, make_retriever(opts.mode, index, llm, opts), args.question, k=opts.k,
+    ans = answer(llm, make_retriever(opts.mode, index, llm, opts, args.index), args.question, k=opts.k,
                  max_tokens=opts.max_tokens)
     if ans.error:
         raise LmstackError(ans.error)

@@ -31,13 +31,23 @@ one token after it). lm-eval's `max_length` counts the model's input, which is o
 shorter than context + continuation, so ours is `max_model_len - 2`; pass HFLM that
 `max_length` to compare truncated inputs.
 
-How it runs. Each pair is one engine request for context + continuation with
+How it runs. Each pair is an engine request for context + continuation with
 `prompt_logprobs` on from the first continuation token (`prompt_logprobs_start`): the
 engine returns log p(token | everything before) for those tokens, and its prefix cache may
-serve the context's full KV blocks. Pairs are sorted by context and, within each batch, the
-first pair of every context runs before the others: when the others are admitted, the
-context's blocks are cached and only the part of the last block before the continuation is
-recomputed. Multiple choice with 4 options computes each question once, not 4 times
+serve the context's full KV blocks. Requests admitted in one step cannot share blocks, so a
+request that reuses another's prefix is sent one engine call later:
+* each context has a leader that computes it; its other choices follow in the next call and
+  recompute only the part of the context's last block before the continuation. Where two or
+  more choices are one token long (answers like " Paris"), the leader is context + one of
+  them with the whole vocabulary scored at that position (`prompt_logprobs=-1`), which
+  answers all of them at once: lm-eval's logits cache does the same;
+* contexts are sorted, and those sharing at least one full block with the first of their
+  run (few-shot prompts that open alike) follow it one call later, finding the shared blocks
+  cached;
+* each call takes the ready requests that compute the most tokens, and only those within
+  1/8 of the first (or 8 tokens), so rows of one forward pass have similar lengths (little
+  padding); `batch_size` caps the requests per call.
+Multiple choice with 4 options computes each question once, not 4 times
 (`llm.stats()["prompt_tokens"]` counts what was computed).
 
 Batch size. Results agree across batch sizes to ~1e-5 on sums of tens of tokens, not bit for
@@ -47,7 +57,7 @@ order), and the batch decides how many rows each forward has. Tests hold them wi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -86,7 +96,8 @@ def as_llm(model, **engine_kwargs):
     # Small KV blocks: the prefix cache shares whole blocks, so each choice recomputes the part
     # of its context's last block before the continuation: at most 3 tokens with blocks of 4
     # instead of 15 with the engine's default 16; the block bookkeeping stays negligible.
-    llm = LLM(str(model), **{"block_size": 4, **engine_kwargs})
+    # A step budget that holds a batch of whole contexts: a context split over two steps costs a step.
+    llm = LLM(str(model), **{"block_size": 4, "max_num_batched_tokens": 8192, **engine_kwargs})
     if llm.tokenizer is None:
         raise LmstackError(f"{model} has no tokenizer.json; text pairs need the model's tokenizer")
     folder = Path(model)
@@ -183,8 +194,6 @@ def max_prompt_tokens(llm) -> int:
 def loglikelihood_tokens(llm, pairs: Sequence[TokenPair], batch_size: int = 16) -> list[tuple[float, bool]]:
     """(sum of log p(continuation token | before), all argmax) per (context ids, continuation
     ids) pair, in order. A pair with an empty continuation scores (0.0, True): log 1."""
-    from lmstack.infer import SamplingParams
-
     if not isinstance(batch_size, int) or batch_size < 1:
         raise LmstackError(f"batch_size must be a positive int, got {batch_size!r}")
     max_prompt = max_prompt_tokens(llm)
@@ -198,31 +207,112 @@ def loglikelihood_tokens(llm, pairs: Sequence[TokenPair], batch_size: int = 16) 
         except LmstackError as e:
             raise LmstackError(f"pair {i}: {e}") from None
     results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
-    # contexts together, so that choices of one question share a batch and its prefix cache
-    order = sorted((i for i, p in enumerate(prompts) if p is not None),
-                   key=lambda i: (prompts[i][0][:prompts[i][1]], i))
-    for chunk in (order[k:k + batch_size] for k in range(0, len(order), batch_size)):
-        for wave in _waves(chunk, prompts):
-            params = [SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0,
-                                     prompt_logprobs_start=prompts[i][1]) for i in wave]
-            outs = llm.generate([prompts[i][0] for i in wave], params)
-            for i, out in zip(wave, outs):
-                if out.error is not None:
-                    raise LmstackError(f"pair {i}: the engine failed it: {out.error}")
-                results[i] = _score(out, prompts[i][0], prompts[i][1])
+    ready = _plan_requests(prompts, llm.engine.block_manager.block_size)
+    while ready:
+        # the costliest first, and only requests of about its cost (1/8 or 8 tokens less), so
+        # that the rows of a forward pass have similar lengths: little padding
+        ready.sort(key=lambda r: -r.cost)
+        n, top = 1, ready[0].cost
+        while n < min(batch_size, len(ready)) and ready[n].cost >= top - max(8, top // 8):
+            n += 1
+        call, ready = ready[:n], ready[n:]
+        _run(llm, call, prompts, results)
+        ready += [r for done in call for r in done.then]
     return results
 
 
-def _waves(chunk: list[int], prompts) -> list[list[int]]:
-    """[first pair of each context, the rest]: the rest are admitted once the firsts' context
-    blocks are in the prefix cache (requests admitted in one step cannot share blocks)."""
-    seen, first, rest = set(), [], []
-    for i in chunk:
-        ids, start = prompts[i]
-        key = tuple(ids[:start])
-        (rest if key in seen else first).append(i)
-        seen.add(key)
-    return [w for w in (first, rest) if w]
+def _plan_requests(prompts, block: int) -> list["_Request"]:
+    """The requests that can run first; each holds in `then` those that wait for it.
+
+    A request whose prefix another computes waits for it: it is admitted in a later engine
+    call, when those blocks are in the prefix cache (requests admitted together cannot share
+    them). Contexts of one cluster wait for its first; a context's other choices wait for its
+    leader."""
+    groups: dict[tuple, list[int]] = {}                 # context ids -> its pairs, in order
+    for i, p in enumerate(prompts):
+        if p is not None:
+            groups.setdefault(tuple(p[0][:p[1]]), []).append(i)
+    roots = []
+    for first, members in _clusters(sorted(groups), block):
+        lead = _plan(groups[first], prompts, block)
+        for m in members:
+            lead.then.append(_plan(groups[m], prompts, block))
+            lead.then[-1].cached = min(_common(first, m), len(m) - 1) // block * block
+        roots.append(lead)
+    return roots
+
+
+def _common(a: tuple, b: tuple) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _clusters(contexts: list[tuple], block: int) -> list[tuple[tuple, list[tuple]]]:
+    """Sorted contexts -> [(first, the others that share >= one full KV block with it)]:
+    the first is computed one call before the others, which find that prefix cached."""
+    out = []
+    for c in contexts:
+        if out and len(c) > block and c[:block] == out[-1][0][:block]:
+            out[-1][1].append(c)
+        else:
+            out.append((c, []))
+    return out
+
+
+@dataclass
+class _Request:
+    """One engine request: `prompt` scored from position `start`; `pairs` are the pairs it
+    scores (a leader with `full` scores every one-token choice of its context from one row);
+    `then`: the requests that reuse its blocks, admitted after it; `cached`: the tokens the
+    prefix cache is expected to serve, so `cost` is the tokens it computes."""
+    prompt: list[int]
+    start: int
+    pairs: list[int]
+    full: bool = False
+    then: list["_Request"] = field(default_factory=list)
+    cached: int = 0
+
+    @property
+    def cost(self) -> int:
+        return len(self.prompt) - self.cached
+
+
+def _plan(members: list[int], prompts, block: int) -> _Request:
+    """The leader of one context's pairs, the others in its `then`. With two or more one-token
+    continuations the leader is context + one of those tokens, scored over the whole
+    vocabulary: it answers all of them (lm-eval's logits cache does the same); each longer
+    continuation is a request of its own. Otherwise the first pair leads. The others find the
+    context's whole blocks before its last token cached."""
+    ids, start = prompts[members[0]]
+    reuse = (start - 1) // block * block
+    ones = [i for i in members if len(prompts[i][0]) - prompts[i][1] == 1]
+    longer = [_Request(*prompts[i], [i], cached=reuse) for i in members if i not in ones]
+    if len(ones) >= 2:
+        return _Request(ids[:start] + [prompts[ones[0]][0][-1]], start, ones, full=True, then=longer)
+    alone = [_Request(*prompts[i], [i], cached=reuse) for i in ones] + longer
+    alone[0].cached = 0
+    alone[0].then = alone[1:]
+    return alone[0]
+
+
+def _run(llm, requests: list[_Request], prompts, results) -> None:
+    from lmstack.infer import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=-1 if r.full else 0,
+                             prompt_logprobs_start=r.start) for r in requests]
+    outs = llm.generate([r.prompt for r in requests], params)
+    for r, out in zip(requests, outs):
+        if out.error is not None:
+            raise LmstackError(f"pair {r.pairs[0]}: the engine failed it: {out.error}")
+        if not r.full:
+            results[r.pairs[0]] = _score(out, r.prompt, r.start)
+            continue
+        row = out.prompt_logprobs[r.start]                      # every token of the vocabulary
+        for i in r.pairs:
+            lp = row[prompts[i][0][-1]]
+            results[i] = (lp.logprob, lp.rank == 1)
 
 
 def _score(out, ids: list[int], start: int) -> tuple[float, bool]:

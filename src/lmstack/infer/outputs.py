@@ -14,7 +14,8 @@ logprobs, as in vLLM).
 `RequestOutput.prompt_logprobs` is None unless `SamplingParams.prompt_logprobs` was set; then
 one entry per prompt token: None for the first token (nothing predicts it) and for tokens
 before `prompt_logprobs_start`, else a dict holding that prompt token's Logprob (log p(token |
-the tokens before it), raw) and the top-k at its position. Filled as the prompt is prefilled.
+the tokens before it), raw) and the top-k at its position (with prompt_logprobs=-1, a
+`VocabLogprobs` mapping over the whole vocabulary). Filled as the prompt is prefilled.
 
 Errors. A fault while handling one request (say its tokenizer raising on a sampled id)
 ends that request alone: `RequestOutput.error` holds the message ("ExcType: text"),
@@ -24,6 +25,7 @@ engine's fault, not the client's: bad requests are refused earlier with `Request
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +38,29 @@ class Logprob:
     logprob: float
     rank: int | None = None          # 1 = most likely
     decoded_token: str | None = None
+
+
+class VocabLogprobs(Mapping):
+    """One position's Logprob for every token of the vocabulary (prompt_logprobs=-1), a
+    read-only dict made on access: V objects per position cost more than the forward of a
+    small model (and a full garbage collection). `row`: (V,) log-probabilities; rank is 1 +
+    the number of tokens more likely, as for the dicts."""
+    __slots__ = ("_row", "_decode")
+
+    def __init__(self, row, decode):
+        self._row, self._decode = row, decode
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        if not isinstance(token_id, int) or not 0 <= token_id < len(self):
+            raise KeyError(token_id)
+        value = self._row[token_id]
+        return Logprob(float(value), int((self._row > value).sum()) + 1, self._decode(token_id))
+
+    def __iter__(self):
+        return iter(range(len(self)))
+
+    def __len__(self) -> int:
+        return int(self._row.shape[0])
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from lmstack.infer.detokenizer import Detokenizer
-from lmstack.infer.outputs import Logprob
+from lmstack.infer.outputs import Logprob, VocabLogprobs
 from lmstack.infer.request import RequestState
 from lmstack.infer.sampler import make_generator, sample, token_logprobs
 from lmstack.infer.scheduler import Scheduler, SchedulerOutput
@@ -164,9 +164,13 @@ class Postprocessor:
     def _score_prompt(self, seq: Sequence, rows: torch.Tensor) -> None:
         """prompt_logprobs: rows (k, V) are the logits at the positions that score seq's next
         k unscored prompt tokens (scheduler.ScheduledSeq.num_prompt_logits)."""
+        k = seq.sampling_params.prompt_logprobs
+        if k == -1:                                         # the whole vocabulary, made on access
+            lp = rows.float().log_softmax(dim=-1).cpu()
+            seq.prompt_logprobs.extend(VocabLogprobs(row, self.detokenizer.decode_token) for row in lp)
+            return
         first = len(seq.prompt_logprobs)
         targets = torch.tensor(seq.prompt_token_ids[first:first + rows.shape[0]], device=rows.device)
-        k = seq.sampling_params.prompt_logprobs
         seq.prompt_logprobs.extend(self._logprob_dicts(token_logprobs(rows, targets, k), [k] * rows.shape[0]))
 
     def _verify(self, req: RequestState, seq: Sequence, logits: torch.Tensor) -> None:

@@ -70,7 +70,9 @@ class SamplingParams:
     prompt_logprobs     None = off; k = for each prompt token, its logprob given the tokens
                         before it plus the k most likely tokens at that position, in
                         `RequestOutput.prompt_logprobs` (entry 0 is None, as in vLLM). Always
-                        the model's raw distribution (no penalties, no temperature)
+                        the model's raw distribution (no penalties, no temperature). -1 = the
+                        whole vocabulary at each scored position (vLLM's -1; the evaluation
+                        harness reads every one-token choice of a context from one row)
     prompt_logprobs_start  (lmstack's, like SGLang's logprob_start_len) the first prompt
                         position scored; entries before it are None. Tokens before position
                         start - 1 need no logits, so the prefix cache may serve them: scoring
@@ -142,9 +144,9 @@ class SamplingParams:
                                  f"got {self.logprobs}")
         if self.prompt_logprobs is not None:
             _check_number("prompt_logprobs", self.prompt_logprobs, integer=True)
-            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"SamplingParams.prompt_logprobs must be None or in [0, {MAX_LOGPROBS}], "
-                                 f"got {self.prompt_logprobs}")
+            if not -1 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"SamplingParams.prompt_logprobs must be None, -1 (whole vocabulary) or in "
+                                 f"[0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         _check_number("prompt_logprobs_start", self.prompt_logprobs_start, integer=True)
         if self.prompt_logprobs_start < 0:
             raise ValueError(f"SamplingParams.prompt_logprobs_start must be >= 0, got {self.prompt_logprobs_start}")

@@ -29,6 +29,8 @@ from lmstack.utils import LmstackError
 
 
 class DenseEncoder:
+    kind = "hidden_states"        # recorded in an index: which encoder class embeds its queries
+
     def __init__(self, model, tokenizer, layer: int = -1, batch_size: int = 32, max_tokens: int | None = None):
         cfg = getattr(model, "config", None)
         if cfg is None or not hasattr(model, "introspect"):
@@ -70,14 +72,30 @@ class DenseEncoder:
                 if len(x) > self.max_tokens:
                     self.truncated += 1
                     ids[j] = x[: self.max_tokens]
-            T = max(len(x) for x in ids)
-            tok = torch.zeros(len(ids), T, dtype=torch.long, device=device)
-            pos = torch.full((len(ids), T), -1, dtype=torch.long, device=device)       # -1 = padding
-            for j, x in enumerate(ids):
-                tok[j, :len(x)] = torch.tensor(x, device=device)
-                pos[j, :len(x)] = torch.arange(len(x), device=device)
-            h = self.model.introspect(tok, positions=pos)["hidden_states"][self.layer].float()   # (B, T, C)
-            mask = (pos >= 0).unsqueeze(-1).float()                                        # (B, T, 1)
-            mean = (h * mask).sum(1) / mask.sum(1)                                          # (B, C)
-            out[s:s + len(ids)] = torch.nn.functional.normalize(mean, dim=-1).cpu().numpy()
+            tok, pos = right_pad(ids, device)
+            out[s:s + len(ids)] = mean_pool(self.features(tok, pos), pos).cpu().numpy()
         return out
+
+    def features(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and positions (-1 = padding) -> (B, T, dim) per-token features."""
+        return self.model.introspect(tok, positions=pos)["hidden_states"][self.layer]
+
+
+def right_pad(ids: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (B, T) ids (0 in padding) and positions (-1 = padding, which the
+    attention mask treats as no token)."""
+    T = max(len(x) for x in ids)
+    tok = torch.zeros(len(ids), T, dtype=torch.long)
+    pos = torch.full((len(ids), T), -1, dtype=torch.long)
+    for j, x in enumerate(ids):
+        tok[j, :len(x)] = torch.tensor(x, dtype=torch.long)
+        pos[j, :len(x)] = torch.arange(len(x))
+    return tok.to(device), pos.to(device)
+
+
+def mean_pool(h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) features, (B, T) positions (-1 = padding) -> (B, C) unit vectors: the mean
+    over each row's real tokens, L2-normalised."""
+    mask = (pos >= 0).unsqueeze(-1).float()                                                # (B, T, 1)
+    mean = (h.float() * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(mean, dim=-1)

@@ -3,6 +3,7 @@
     load_documents("notes/")          # every .txt/.md file below it; id = path relative to the folder
     load_documents("docs.jsonl")      # one {"id": str, "text": str} per line
     load_documents("tinyworld")       # tinyworld's knowledge base (seed 0): entities never in training
+    tinyworld_world_pairs()           # (question, document) about the pretraining world, for an encoder
 
 Each returns [(doc_id, text)] in a stable order. Every bad input names the file (and line)
 and what is expected.
@@ -24,6 +25,23 @@ def tinyworld_kb(seed: int = 0) -> tuple[list[dict], list[dict]]:
 
     corpus = generate(TinyWorldConfig(seed=seed, size_mb=0.001))
     return corpus.kb_docs, corpus.kb_questions
+
+
+def tinyworld_world_pairs(seed: int = 0) -> list[tuple[str, str]]:
+    """(question, document) pairs about the *pretraining* world's countries and people (whose
+    facts the training text states), in the knowledge base's formats: training data for a
+    retrieval encoder that never shows it a knowledge-base entity or question."""
+    from lmstack.data.tinyworld import TinyWorldConfig, generate
+    from lmstack.data.tinyworld_world import entity_doc, person_facts, qa
+
+    world = generate(TinyWorldConfig(seed=seed, size_mb=0.001)).world
+    country_of = {cap: c for c, cap in world.countries.items()}
+    pairs = [(qa("capital", c, cap)[0], f"{c} is a country. the capital of {c} is {cap}.")
+             for c, cap in world.countries.items()]
+    for p in world.people:
+        doc = entity_doc(p, country_of[p.city])
+        pairs += [(qa(r, s, o)[0], doc) for r, s, o in person_facts(p)]
+    return pairs
 
 
 def _read(path: Path) -> str:

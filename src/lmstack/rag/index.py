@@ -45,7 +45,7 @@ class Index:
         self.embeddings = embeddings
         self.chunk_tokens, self.overlap = chunk_tokens, overlap
         self.analyzer = analyzer
-        self.encoder = encoder            # {"fingerprint", "layer", "dim"} of the model that embedded
+        self.encoder = encoder            # {"fingerprint", "layer", "dim", "kind"} of the model that embedded
         self.bm25 = BM25(k1, b).fit(ANALYZERS[analyzer](c.text) for c in chunks)
 
     def __len__(self) -> int:
@@ -65,7 +65,8 @@ class Index:
         emb, info = None, None
         if encoder is not None:
             emb = encoder.encode([c.text for c in chunks])
-            info = {"fingerprint": encoder.fingerprint, "layer": encoder.layer, "dim": encoder.dim}
+            info = {"fingerprint": encoder.fingerprint, "layer": encoder.layer, "dim": encoder.dim,
+                    "kind": getattr(encoder, "kind", "hidden_states")}
         return cls(chunks, emb, chunk_tokens=chunk_tokens, overlap=overlap, k1=k1, b=b, encoder=info)
 
     # ---- persistence -------------------------------------------------------------
