@@ -1,6 +1,6 @@
 """Scoring over HTTP: our own server started in-process (generation through the completions
-and chat APIs equals local generation; it refuses echo + logprobs, so multiple choice fails
-per example with its message), a stand-in OpenAI server that does echo log-probs (its
+and chat APIs equals local generation; its echo + logprobs make multiple choice score as
+locally), a stand-in OpenAI server that does echo log-probs (its
 log-likelihoods equal local ones), and endpoints that are down or answer garbage."""
 from __future__ import annotations
 
@@ -60,14 +60,18 @@ def test_generation_through_our_server_equals_local(served, tmp_path, chat):
     assert outputs == [s["output"] for s in local["samples"]] and len(set(outputs)) > 1
 
 
-def test_our_server_refuses_echo_logprobs_per_example(served, tmp_path):
-    url, _ = served
+def test_multiple_choice_through_our_server_equals_local(served, tmp_path):
+    """Our server answers echo + logprobs (prompt log-probs), so multiple choice scores over HTTP
+    as it does locally: the same per-pair log-likelihoods and the same accuracy."""
+    url, run_dir = served
+    remote_ll = EndpointModel(url).loglikelihood(PAIRS)
+    local_ll = LocalModel(str(run_dir)).loglikelihood(PAIRS)
+    for (r, rg), (l, lg) in zip(remote_ll, local_ll):
+        assert abs(r - l) < 1e-4 and rg == lg
     mc = write_task(tmp_path, kind="multiple_choice", metrics=["acc"], choices={"distractors": "answer", "n": 2})
-    gen = write_task(tmp_path)
-    report = evaluate(EndpointModel(url), [mc, gen])
-    r_mc, r_gen = report["tasks"]
-    assert r_mc["n_failed"] == 4 and all("HTTP 400" in f["reason"] and "echo" in f["reason"] for f in r_mc["failures"])
-    assert r_gen["n_failed"] == 0 and len(r_gen["samples"]) == 4            # the rest of the evaluation went on
+    remote = evaluate(EndpointModel(url), [mc])["tasks"][0]
+    local = evaluate(LocalModel(str(run_dir)), [mc])["tasks"][0]
+    assert remote["n_failed"] == 0 and remote["metrics"] == local["metrics"]
     ppl = evaluate(EndpointModel(url), [write_task(tmp_path, kind="perplexity")])["tasks"][0]
     assert ppl["n_failed"] == 4 and "needs the model's tokenizer" in ppl["failures"][0]["reason"]
 
