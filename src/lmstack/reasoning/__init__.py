@@ -11,7 +11,7 @@ the result), tool_calls (raw output -> OpenAI tool_calls, for the server), strat
 from lmstack.reasoning.arithmetic import STYLES, Problem, extract_answer
 from lmstack.reasoning.calculator import CalcError, CalcResult, evaluate, run_calculator
 from lmstack.reasoning.strategies import STRATEGIES, Attempt, StrategyResult, majority_vote, solve
-from lmstack.reasoning.tool_calls import (CALCULATOR_TOOL, CALL_CLOSE, CALL_OPEN, chat_message, tool_calls_from_text,
+from lmstack.tokenizer.tool_calls import (CALCULATOR_TOOL, CALL_CLOSE, CALL_OPEN, chat_message, tool_calls_from_text,
                                           tool_names)
 from lmstack.reasoning.tools import ToolRun, check_prompts, generate_with_tools
 

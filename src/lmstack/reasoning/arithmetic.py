@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lmstack.reasoning.tool_calls import CALL_CLOSE, CALL_OPEN
+from lmstack.tokenizer.tool_calls import CALL_CLOSE, CALL_OPEN
 from lmstack.utils import LmstackError
 
 STYLES = ("direct", "cot", "tool")

@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from lmstack.reasoning.calculator import CalcResult, run_calculator
-from lmstack.reasoning.tool_calls import CALL_CLOSE, CALL_OPEN
+from lmstack.tokenizer.tool_calls import CALL_CLOSE, CALL_OPEN
 
 
 @dataclass

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 
-from lmstack.reasoning.tool_calls import CALCULATOR, CALL_CLOSE, CALL_OPEN, tool_calls_from_text
+from lmstack.tokenizer.tool_calls import CALCULATOR, CALL_CLOSE, CALL_OPEN, tool_calls_from_text
 from lmstack.serve.errors import APIError
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"

@@ -1,5 +1,8 @@
 """Raw model output -> OpenAI `tool_calls`: a pure function the server can call.
 
+The tool-call tags are part of the chat format, so this lives beside the chat template (floor 1):
+the server (floor 4) and the reasoning tool loop (floor 5) both read it from here.
+
     content, calls = tool_calls_from_text("sure. <calc>47+38</calc>", [CALCULATOR_TOOL])
     # content == "sure."
     # calls == [{"id": "call_0", "type": "function",
