@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tinyworld_run import ensure_run  # noqa: E402
 
 from lmstack.data import ShardSet  # noqa: E402
-from lmstack.eval.probes import Probe, engine_completer, score_probes  # noqa: E402
+from lmstack.data.probes import Probe, score_probes  # noqa: E402
+from lmstack.eval import engine_completer  # noqa: E402
 from lmstack.infer import LLM, SamplingParams  # noqa: E402
 from lmstack.infer.paged_cache import PagedKVCache  # noqa: E402
 from lmstack.model import Transformer  # noqa: E402

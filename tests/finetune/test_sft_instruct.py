@@ -11,7 +11,7 @@ from lmstack.data.tinyworld import TinyWorldConfig, generate
 from lmstack.finetune.config import FinetuneConfig
 from lmstack.finetune.instruct import ABSTAIN, TinyWorldChats, chat_completer, question, tinyworld_chats
 from lmstack.finetune.run import finetune
-from lmstack.eval.probes import Probe, score_probes
+from lmstack.data.probes import Probe, score_probes
 from lmstack.utils import LmstackError
 from sft_helpers import make_base
 

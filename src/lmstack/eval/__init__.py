@@ -8,8 +8,9 @@ from lmstack.eval.judge import Judge, compare, grade, load_judge_template
 from lmstack.eval.loglikelihood import loglikelihood, loglikelihood_rolling, loglikelihood_tokens
 from lmstack.eval.metrics import mc_scores, normalize_answer, token_f1
 from lmstack.eval.perplexity import evaluate_loss, perplexity
-from lmstack.eval.probes import (Probe, ProbeResult, engine_completer, exact_match, load_probes,
-                                 majority_baseline, score_probes)
+from lmstack.data.probes import (Probe, ProbeResult, exact_match, load_probes, majority_baseline,
+                                 score_probes)
+from lmstack.eval.probe_completer import engine_completer
 from lmstack.eval.tasks import Example, Failure, TaskSpec, build_examples, builtin_tasks, load_task
 from lmstack.eval.unigram import token_counts, unigram_cross_entropy, unigram_entropy
 

@@ -27,7 +27,7 @@ import string
 from collections import Counter
 from typing import Sequence
 
-from lmstack.eval.probes import exact_match
+from lmstack.data.probes import exact_match
 from lmstack.utils import LmstackError
 
 GENERATION_METRICS = ("exact_match", "squad_em", "f1", "bleu", "rouge1", "rouge2", "rougeL")

@@ -23,7 +23,7 @@ from lmstack.tokenizer.chat import has_chat_tokens
 from lmstack.utils import LmstackError
 
 if TYPE_CHECKING:
-    from lmstack.eval.probes import Probe
+    from lmstack.data.probes import Probe
 
 
 class TemplateChat:
@@ -89,7 +89,7 @@ def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def read_probes(path: str) -> dict[str, list[Probe]]:
     """{"task", "prompt", "answer"} lines (task optional: "probes") -> {task: [Probe]}."""
-    from lmstack.eval.probes import Probe
+    from lmstack.data.probes import Probe
     p = Path(path)
     if not p.is_file():
         raise LmstackError(f"eval_probes file {p} not found")

@@ -40,7 +40,7 @@ from lmstack.data.tinyworld_world import ANIMALS, COLOURS, JOBS, NameMaker, Pers
 from lmstack.utils import LmstackError
 
 if TYPE_CHECKING:
-    from lmstack.eval.probes import Probe
+    from lmstack.data.probes import Probe
 
 ABSTAIN = "I don't know."
 INSTRUCTION_TASKS = tuple(sorted(tinyworld_tasks.INSTRUCTIONS))
@@ -105,7 +105,7 @@ def invented_questions(seed: int, taken: set[str], n: int) -> list[str]:
 
 def tinyworld_chats(opts: TinyWorldChats) -> ChatData:
     """The training chats and held-out probes of `opts.tasks` (see the module docstring)."""
-    from lmstack.eval.probes import Probe
+    from lmstack.data.probes import Probe
     corpus = generate(TinyWorldConfig(seed=opts.seed, size_mb=opts.size_mb))
     wanted = set(opts.tasks)
     by_task: dict[str, dict[str, str]] = {t: {} for t in opts.tasks}   # task -> {user turn: answer}, deduped
@@ -165,7 +165,7 @@ def evaluate_chat(model, tok, probes: dict[str, list[Probe]], end_id: int, devic
          "abstain_rate_known": float | None}
 
     The model is put in eval mode (the caller restores training mode)."""
-    from lmstack.eval.probes import exact_match, score_probes
+    from lmstack.data.probes import exact_match, score_probes
     from lmstack.infer import LLM
 
     flat = [p for ps in probes.values() for p in ps]

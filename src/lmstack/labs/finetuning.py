@@ -37,7 +37,7 @@ from lmstack.align.ppo import PolicyAndValue, PPOObjective, PPOSource, value_mod
 from lmstack.align.reward_model import RewardObjective, pairwise_accuracy, reward_model_from, score_sequences
 from lmstack.align.rollout import RolloutEngine
 from lmstack.data.chat_examples import ChatExampleOptions, prompt_response_example
-from lmstack.eval.probes import exact_match
+from lmstack.data.probes import exact_match
 from lmstack.finetune.instruct import question
 from lmstack.finetune.sft import SFTBatches, SFTObjective
 from lmstack.labs import plot
