@@ -27,6 +27,17 @@ initialised HF `LlamaForCausalLM`, saved to a temp dir and imported by `LLM(dir)
    methods' setting) and `Text: ...\nCopy:` prompts (prompt lookup's setting, when the
    target copies; a check reports whether it does); both methods on both. goal >= 2x
 
+6-7. against llama.cpp (llama-cpp-python, when installed; _llamacpp.py), the same weights
+   exported by our GGUF exporter as F32, the same prompt tokens, the same thread count, f32 KV
+   cache on both sides, greedy: 6. batch-1 decode tokens/s (transformers' too), goal >= 0.5x on
+   the small model (4 x 256) and >= 0.9x on the larger one (8 x 768); 7. offline mixed prompts
+   against llama.cpp's batched decode (every running sequence in one llama_decode), goal >= 1.5x.
+   Each is run on both models (--only 6,7 -> both; the larger model adds a minute or two).
+
+Every run also prints the speed of light (_speed_of_light.py): this CPU's measured copy rate
+and GEMM rate, and the GB/s (decode) and GFLOP/s (prefill) the engine's linears reach against
+them, with F.linear (MKL) beside ours at one row.
+
 With --ceiling, benchmark 1 is also run with attention reading no KV cache: the ratio that
 would remain if reading the cache cost nothing, i.e. what any attention kernel could reach.
 """
@@ -303,12 +314,21 @@ def profile_engine(path, workload):
         print(f"  {tot:7.2f}s {tot / total:5.1%}  {f.split('site-packages/')[-1].split('src/')[-1]}:{line} {fn}")
 
 
+def speed_of_light(path: str, label: str, args) -> None:
+    """Print the CPU's copy and GEMM rates (measured once) and the engine's linears against them."""
+    import _speed_of_light as sol
+    if not hasattr(args, "rates"):
+        args.rates = (sol.copy_rate(), sol.gemm_rate())
+    llm = LLM(path, device="cpu", dtype=torch.float32, kv_cache_tokens=2048)
+    print(sol.report(llm.engine.model, llm.engine.runner.fast_linears, label, *args.rates), flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller workloads")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch intra-op threads, the same for lmstack and transformers (default 2)")
-    ap.add_argument("--only", default="1,2,3,4,5", help="comma-separated benchmark numbers to run")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated benchmark numbers to run")
     ap.add_argument("--profile", action="store_true", help="also cProfile one engine run of benchmark 1")
     ap.add_argument("--ceiling", action="store_true",
                     help="also time benchmark 1 with attention reading no KV cache: the ratio it bounds")
@@ -332,6 +352,8 @@ def main(argv=None) -> int:
     args.spec_k = 6          # lookahead for both methods (measured on stories: n-gram 2.05x at 4, 2.25x at 6, 2.28x at 8)
     args.spec_requests, args.spec_tokens, args.spec_repeats = (3, 64, 1) if q else (6, 128, 5)
     args.spec_copy_min, args.spec_copy_tokens = (48, 48) if q else (64, 64)
+    args.llamacpp_prompts = 16 if q else 32
+    args.llamacpp_lens = (16, 256, 16, 96) if q else (16, 512, 32, 256)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     results, mismatches = [], []
@@ -342,6 +364,7 @@ def main(argv=None) -> int:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model (1-4): random LlamaForCausalLM, {n_params / 1e6:.1f}M params, vocab {VOCAB}; torch threads "
               f"{torch.get_num_threads()} (both sides), interop {torch.get_num_interop_threads()}", flush=True)
+        speed_of_light(path, "small model", args)
         workload = None
         if only & {1, 3}:
             ours, theirs, note, workload = bench_throughput(model, path, args, g)
@@ -369,6 +392,20 @@ def main(argv=None) -> int:
             on, off, note = bench_prefix(path, args, g)
             results.append(("4. prefix caching TTFT (1/s)", on, off, on / off, ">= 5x", on / off >= 5, note))
             print(results[-1], flush=True)
+        if only & {6, 7}:
+            import _llamacpp
+            if not _llamacpp.available():
+                print("6-7: llama-cpp-python is not installed (`make llamacpp`); skipped", flush=True)
+            else:
+                big = hf_llama(768, 8, 12, 6, seed=1)
+                big_path = save(big, root, "big")
+                speed_of_light(big_path, "larger model", args)
+                sizes = {"small 3.8M": (model, path, 0.5), "larger 53.5M": (big, big_path, 0.9)}
+                for label, (hf, pth, goal) in sizes.items():
+                    for row in _llamacpp.bench_vs_llamacpp(pth, hf, args, g, label, goal):
+                        if int(row[0][0]) in only:
+                            results.append(row)
+                            print(row, flush=True)
     if 5 in only:
         rows, mismatches, info = bench_speculative(args)
         print("speculative models:", info, flush=True)

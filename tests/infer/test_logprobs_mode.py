@@ -44,6 +44,9 @@ def test_processed_logprobs_equal_a_fresh_forward_under_the_same_processing(kw):
                        ignore_eos=True, **kw)
     llm = LLM(model, block_size=4, kv_cache_tokens=512)
     outs = llm.generate(PROMPTS, p)
+    # float32 noise between the engine's kernels (decode GEMV, paged attention: other summation
+    # orders) and a fresh MKL + SDPA forward: measured up to ~1e-5 on logprobs of ~-3.5
+    tol = 3e-5
     checked = truncated = 0
     for prompt, out in zip(PROMPTS, outs):
         for comp in out.outputs:
@@ -51,13 +54,13 @@ def test_processed_logprobs_equal_a_fresh_forward_under_the_same_processing(kw):
                 logits = model(torch.tensor([prompt + comp.token_ids]))[0].float()     # (T, V) fresh forward
             for j, (tok, lp) in enumerate(zip(comp.token_ids, comp.logprobs)):
                 ref = processed_reference(logits[len(prompt) - 1 + j], p, comp.token_ids[:j])
-                assert abs(lp[tok].logprob - float(ref[tok])) < 1e-5
+                assert abs(lp[tok].logprob - float(ref[tok])) < tol
                 assert lp[tok].rank == int((ref > ref[tok]).sum()) + 1
                 # the chosen token + the top 5 of the processed distribution, leaving out the removed (-inf)
                 top5 = [t for t in ref.topk(5).indices.tolist() if torch.isfinite(ref[t])]
                 assert set(lp) == {tok, *top5}
                 for t, v in lp.items():
-                    assert abs(v.logprob - float(ref[t])) < 1e-5
+                    assert abs(v.logprob - float(ref[t])) < tol
                 kept = int(torch.isfinite(ref).sum())
                 truncated += kept < 96
                 checked += 1
@@ -111,8 +114,10 @@ def test_speculative_engine_gives_the_same_processed_logprobs():
     outs = spec.generate(prompts + prompts, [p, p, greedy, greedy])
     for a, b in zip(plain, outs[:2]):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):     # (a different batch: float noise)
-            assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-5 for t in x)
+        # a different batch (rows padded to the drafts' length: other GEMM shapes) gives float
+        # noise; measured up to ~1.2e-5 with the fused attention kernel, ~6e-6 without
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 5e-5 for t in x)
     assert spec.stats()["spec_proposed_tokens"] > 0
 
 

@@ -16,8 +16,8 @@ compute on a CPU (every padded token runs through every MLP, every padded key sl
 attention), so rows are first grouped (`group_rows`): a batch of 1-token decodes never gets
 padded to a 500-token prefill chunk, nor a 20-token context to a 2000-token one. Usually a
 step is a group or two of decodes plus one of prefill chunks. All index arithmetic is
-vectorised once per group; the per-layer path in `PagedKVCache.update` is two scatters and
-two gathers.
+vectorised once per group; per layer, rows of a few tokens take the fused paged-attention
+kernel (`PagedKVCache.attend`), longer ones `PagedKVCache.update`: two scatters and two gathers.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lmstack.infer.block_manager import BlockManager
+from lmstack.infer.fast_linear import DecodeLinears
 from lmstack.infer.paged_cache import PagedKVCache
 from lmstack.infer.scheduler import SchedulerOutput
 from lmstack.model import Transformer
@@ -79,6 +80,7 @@ class ModelRunner:
         self.block_manager = block_manager     # read-only here: block tables by seq id
         self.device = device
         self.block_size = cache.block_size
+        self.fast_linears = DecodeLinears(model)   # decode GEMVs on the compiled kernel (fast_linear.py)
 
     def prepare(self, out: SchedulerOutput) -> list[RunnerRow]:
         """One row per scheduled sequence: its next uncomputed tokens (+ draft tokens)."""
@@ -101,7 +103,8 @@ class ModelRunner:
         out: list[tuple[int, Tensor]] = []
         lengths = [len(r.token_ids) for r in rows]
         for group in group_rows(lengths, [r.start_pos + n for r, n in zip(rows, lengths)]):
-            logits = self._forward([rows[i] for i in group])
+            with self.fast_linears.active():
+                logits = self._forward([rows[i] for i in group])
             offset = 0
             for i in group:
                 n = rows[i].num_logits
@@ -115,7 +118,6 @@ class ModelRunner:
 
     def _forward(self, rows: list[RunnerRow]) -> Tensor:
         dev, bs = self.device, self.block_size
-        B = len(rows)
         lens = [len(r.token_ids) for r in rows]
         T = max(lens)
         padded_ids = [r.token_ids + [0] * (T - len(r.token_ids)) for r in rows]
@@ -137,15 +139,8 @@ class ModelRunner:
         else:
             write_rows = valid.flatten().nonzero().squeeze(1)
             write_slots = slots.flatten()[write_rows]
-        # what each row reads back: its whole context 0 .. start+n_new-1, padded to S
-        ctx = start + n_new
-        S = int(ctx.max())
-        s = torch.arange(S, device=dev)
-        read_valid = s[None, :] < ctx[:, None]                                          # (B, S)
-        read_pos = torch.where(read_valid, s[None, :].expand(B, S), torch.full((B, S), -1, device=dev))
-        rp = read_pos.clamp_min(0)
-        read_slots = tables.gather(1, rp // bs) * bs + rp % bs
-        self.cache.bind(write_rows, write_slots, read_slots, read_pos)
+        # what each row reads back: its whole context 0 .. start+n_new-1 (through its table)
+        self.cache.bind_tables(write_rows, write_slots, tables, start + n_new)
         # each row's last num_logits positions, in row order, as indices into the flat (B*T)
         pick = torch.tensor([b * T + lens[b] - k for b, r in enumerate(rows) for k in range(r.num_logits, 0, -1)],
                             dtype=torch.long, device=dev)

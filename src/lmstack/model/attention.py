@@ -9,7 +9,8 @@ visible to query t iff k_pos >= 0 and, per `mask`,
     causal         k_pos <= q_pos
     bidirectional  always
     prefix         k_pos <= q_pos  or  k_pos < prefix_len of the row
-and with a sliding window W also |q_pos - k_pos| < W. Padding queries (q_pos = -1) see every
+and with a sliding window W also |q_pos - k_pos| < W; with segment ids (several documents
+packed in one row, training only) also seg_q == seg_k. Padding queries (q_pos = -1) see every
 slot so no softmax row is empty (their outputs are discarded). ALiBi adds
 -slope_h * |q_pos - k_pos| to the scores; T5's relative bias adds a learned
 table[h, bucket(k_pos - q_pos)] (positions.py).
@@ -19,6 +20,10 @@ encoder's output, projected once per request (`EncoderMemory`: the encoder-decod
 per-layer K/V when it encodes, and generation reuses them every step). Every encoder slot
 whose position is >= 0 is visible to every decoder query (the encoder's padding mask); there
 is no position bias across the two sequences.
+
+A cache may also offer `attend(layer_idx, q, k, v, positions, scale, window, cos, sin)` (cache.py):
+with a plain causal mask, attention then asks it for the output directly (the engine's paged
+cache runs its fused decode kernel there) and falls back to update() + SDPA when it returns None.
 
 Training with no cache and a plain causal mask takes the `is_causal=True` fast path of
 `F.scaled_dot_product_attention` (no mask tensor at all). `attention_math` is the explicit
@@ -70,11 +75,19 @@ class AttnContext:
     prefix_lens: Tensor | None = None       # (B,) long, mask="prefix"
     slopes: Tensor | None = None            # (H,) ALiBi slopes, or None
     rel_bias: nn.Module | None = None       # RelativePositionBias: (q_pos, k_pos) -> (B, H, T, S)
+    segments: Tensor | None = None          # (B, T) long document ids: attend within a document only
     memory: EncoderMemory | None = None     # the encoder's output, for cross-attention
     record: list | None = None              # introspect(): attention probs are appended here
     _mask_key: tuple | None = field(default=None, repr=False)
     _mask: Tensor | None = field(default=None, repr=False)
     _cross_mask: tuple[Tensor | None] | None = field(default=None, repr=False)   # (mask,) once built
+
+    @property
+    def plain_causal(self) -> bool:
+        """The mask is causal (+ sliding window) from positions alone: no ALiBi, no relative
+        bias, no segments, no recorded probabilities; what a cache's fused attend() computes."""
+        return (self.mask_kind == "causal" and self.slopes is None and self.rel_bias is None and self.segments is None
+                and self.record is None)
 
     def mask_for(self, k_pos: Tensor, dtype: torch.dtype) -> Tensor | None:
         """The mask for keys at k_pos (B, S): bool (B, 1, T, S), float (B, H, T, S) with ALiBi,
@@ -84,7 +97,7 @@ class AttnContext:
         key = (k_pos.data_ptr(), tuple(k_pos.shape), k_pos.stride(), dtype)
         if key != self._mask_key:
             self._mask = build_mask(self.positions, k_pos, self.mask_kind, self.window, self.prefix_lens,
-                                    self.slopes, dtype, self.rel_bias)
+                                    self.slopes, dtype, self.rel_bias, self.segments)
             self._mask_key = key
         return self._mask
 
@@ -99,8 +112,10 @@ class AttnContext:
 
 def build_mask(q_pos: Tensor, k_pos: Tensor, kind: str, window: int | None = None,
                prefix_lens: Tensor | None = None, slopes: Tensor | None = None,
-               dtype: torch.dtype = torch.float32, rel_bias: nn.Module | None = None) -> Tensor:
-    """Visibility of keys at k_pos (B, S) to queries at q_pos (B, T).
+               dtype: torch.dtype = torch.float32, rel_bias: nn.Module | None = None,
+               segments: Tensor | None = None) -> Tensor:
+    """Visibility of keys at k_pos (B, S) to queries at q_pos (B, T); with `segments` (B, T)
+    document ids (queries and keys are the same T tokens, no cache) only within a document.
 
     Returns bool (B, 1, T, S) (True = may attend), or, when ALiBi slopes (H,) or a relative
     bias (a module (q_pos, k_pos) -> (B, H, T, S)) are given, an additive float mask
@@ -117,6 +132,11 @@ def build_mask(q_pos: Tensor, k_pos: Tensor, kind: str, window: int | None = Non
             visible = visible & ((kp <= qp) | (kp < prefix_lens.to(kp.device)[:, None, None]))
     if window is not None:
         visible = visible & ((qp - kp).abs() < window)
+    if segments is not None:
+        if segments.shape != q_pos.shape or k_pos.shape != q_pos.shape:
+            raise ValueError(f"segment ids {tuple(segments.shape)} need queries {tuple(q_pos.shape)} and keys "
+                             f"{tuple(k_pos.shape)} of the same tokens (a forward without a KV cache)")
+        visible = visible & (segments[:, :, None] == segments[:, None, :])
     visible = (visible | (qp < 0)).unsqueeze(1)  # padding queries see every slot
     if rel_bias is not None:
         return rel_bias(q_pos, k_pos).float().masked_fill(~visible, float("-inf")).to(dtype)
@@ -169,11 +189,18 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
-        k = k.view(B, T, KV, D).transpose(1, 2)   # (B, KV, T, D)
-        v = v.view(B, T, KV, D).transpose(1, 2)
-        if self.q_norm is not None:
+        q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
+        if self.q_norm is not None:   # over head_dim: the same in either layout
             q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.cache is not None and ctx.plain_causal:
+            # a cache with a fused path (the engine's paged cache, rows of a few queries) applies
+            # RoPE, writes k, v and returns the attention output itself; None: not here
+            attend = getattr(ctx.cache, "attend", None)
+            y = attend(self.layer_idx, q, k, v, ctx.positions, self.scale or D ** -0.5, ctx.window, ctx.cos,
+                       ctx.sin) if attend is not None else None
+            if y is not None:
+                return self.proj(y)                                                   # y (B, T, H*D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H|KV, T, D)
         if ctx.cos is not None:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         k_pos = ctx.positions

@@ -19,6 +19,13 @@ k_pos[b,s] >= 0, k_pos[b,s] <= q_pos[b,t] (causal) and, with a sliding window W,
 q_pos[b,t] - k_pos[b,s] < W. ALiBi biases are slope * (k_pos - q_pos). A query whose
 position is -1 is padding; its output is discarded (the model lets it see every slot so
 no softmax row is empty).
+
+Optional: `attend(layer_idx, q, k, v, positions, scale, window, cos, sin) -> (B, T, H * head_dim)
+or None`, q (B, T, H, head_dim) and k, v (B, T, n_kv_head, head_dim) before RoPE (cos, sin: the
+RoPE tables (B, 1, T, rot), or None). With a plain causal mask (+ sliding window W) attention
+calls it first; a cache that can compute the attention output itself (a fused kernel reading
+its own storage) rotates q and k, writes k, v and returns it; None means "not here" (nothing
+written) and RoPE + update() follow.
 """
 from __future__ import annotations
 

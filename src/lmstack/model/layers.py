@@ -79,9 +79,10 @@ class MLP(nn.Module):
         cost the same as one of twice the width, but gate and up then come out contiguous,
         so the activation reads no strided view and the backward pass needs no cat of the two
         halves into one (N, 2*hidden) gradient (measured ~5-10% faster per MLP forward+backward
-        on CPU). A wrapped or replaced `fc` (LoRA, quantized) is called as a whole instead."""
+        on CPU). Without autograd (inference), and for a wrapped or replaced `fc` (LoRA,
+        quantized), `fc` is called as a whole instead: one matmul (the decode engine's GEMV)."""
         fc = self.fc
-        if type(fc) is not nn.Linear:
+        if type(fc) is not nn.Linear or not torch.is_grad_enabled():   # no backward: one matmul, fewer ops
             gate, up = fc(x).chunk(2, dim=-1)
             return self.act(gate) * up
         w_gate, w_up = fc.weight.chunk(2, dim=0)                      # (hidden, C) views

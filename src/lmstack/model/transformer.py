@@ -9,6 +9,7 @@ stack, while this class's own blocks, built with cross-attention, become the dec
     logits = model(ids)                                   # (B, T) -> (B, T, vocab_size)
     logits = model(ids, positions=pos, cache=kv)          # incremental decoding, see cache.py
     logits = model(ids, logits_indices=idx)               # (N,) flat b*T+t -> (N, vocab_size)
+    logits = model(ids, positions=pos, segment_ids=seg)   # packed documents, each attending to itself
     model.introspect(ids)["attentions"][layer]            # (B, H, T, T) attention weights
 
 Every family difference is a config field (config.py). Init follows GPT-2: weights
@@ -141,7 +142,8 @@ class Transformer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------
     def forward(self, ids: Tensor, positions: Tensor | None = None, cache=None,
-                prefix_lens: Tensor | None = None, logits_indices: Tensor | None = None) -> Tensor:
+                prefix_lens: Tensor | None = None, logits_indices: Tensor | None = None,
+                segment_ids: Tensor | None = None) -> Tensor:
         """ids (B, T) long -> logits (B, T, vocab_size).
 
         positions (B, T) long: absolute position of each token, -1 = padding (default
@@ -153,8 +155,12 @@ class Transformer(nn.Module):
         the logits of position logits_indices[i] (the same rows as the full forward's
         logits.reshape(B * T, -1)[logits_indices]). An inference engine wants logits at a
         few positions of a long prefill, and with a large vocabulary the head over every
-        position can cost more than all the blocks."""
-        x, ctx = self._embed(ids, positions, cache, prefix_lens)              # checks ids first
+        position can cost more than all the blocks.
+        segment_ids (B, T) long: which document of the row each token belongs to, when several
+        are packed in one row (SFT packing); a token then attends only within its document.
+        Positions alone cannot say this (two documents' positions overlap), so give both:
+        positions restarting at 0 for each document, and segment_ids. No cache."""
+        x, ctx = self._embed(ids, positions, cache, prefix_lens, segment_ids=segment_ids)   # checks ids first
         return self._run_blocks(x, ctx, logits_indices)
 
     def _run_blocks(self, x: Tensor, ctx: AttnContext, logits_indices: Tensor | None) -> Tensor:
@@ -176,7 +182,8 @@ class Transformer(nn.Module):
 
     def _embed(self, ids: Tensor, positions: Tensor | None, cache, prefix_lens: Tensor | None,
                record: list | None = None, *, token_type_ids: Tensor | None = None,
-               memory: EncoderMemory | None = None, encoder: nn.Module | None = None) -> tuple[Tensor, AttnContext]:
+               memory: EncoderMemory | None = None, encoder: nn.Module | None = None,
+               segment_ids: Tensor | None = None) -> tuple[Tensor, AttnContext]:
         """Check the inputs, embed them, and build the attention context of one stack's forward:
         this model's own blocks, or the `encoder` stack of an encoder-decoder (bidirectional,
         its own relative-bias table) when given. `memory`: what cross-attention reads."""
@@ -209,6 +216,12 @@ class Transformer(nn.Module):
                 raise LmstackError(f"prefix_lens given but mask={cfg.mask!r}; build the model with mask='prefix'")
             if prefix_lens.shape != (B,):
                 raise ValueError(f"prefix_lens must have shape ({B},), got {tuple(prefix_lens.shape)}")
+        if segment_ids is not None:
+            if segment_ids.shape != (B, T):
+                raise ValueError(f"segment_ids must have the shape of ids {(B, T)}, got {tuple(segment_ids.shape)}")
+            if cache is not None:
+                raise LmstackError("segment_ids (packed documents) are for forwards without a KV cache; generate "
+                                   "each document in its own row")
         if token_type_ids is not None:
             if self.wtt is None:
                 raise LmstackError("token_type_ids given but the model has n_token_types=0 (no segment embeddings)")
@@ -232,11 +245,12 @@ class Transformer(nn.Module):
 
         mask = "bidirectional" if encoder is not None else cfg.mask
         rel_bias = (self if encoder is None else encoder).rel_bias
-        no_extra = cache is None and default_positions and cfg.pos_emb not in ("alibi", "relative") and \
-            (cfg.sliding_window is None or cfg.sliding_window >= T)
+        no_extra = cache is None and default_positions and segment_ids is None and \
+            cfg.pos_emb not in ("alibi", "relative") and (cfg.sliding_window is None or cfg.sliding_window >= T)
         ctx = AttnContext(
             positions=positions, cache=cache, mask_kind=mask, window=cfg.sliding_window,
             prefix_lens=prefix_lens, slopes=make_slopes(cfg), rel_bias=rel_bias, memory=memory, record=record,
+            segments=segment_ids,
             causal_fast=no_extra and (mask == "causal" or (mask == "prefix" and prefix_lens is None)),
             no_mask=no_extra and mask == "bidirectional")
         if self.rope is not None:
