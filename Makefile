@@ -28,10 +28,12 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q -e ".[all,dev]"
 	touch $(STAMP)
 
-# The quantized-linear CPU kernels. A machine that cannot build them (no compiler, no ninja)
-# gets one warning here and the pure-PyTorch path at run time, never a failed install; the
-# stamp records the attempt, so a failed build is retried only when the sources change.
-$(KSTAMP): $(STAMP) $(KDIR)/quant_linear.cpp $(KDIR)/pool.h $(KDIR)/build.py
+# The CPU kernels (quantized linear, paged attention, decode linear). A machine that cannot
+# build them (no compiler, no ninja) gets one warning here and the pure-PyTorch path at run
+# time, never a failed install; the stamp records the attempt, so a failed build is retried
+# only when the sources change.
+$(KSTAMP): $(STAMP) $(KDIR)/quant_linear.cpp $(KDIR)/quant_linear_a8.cpp $(KDIR)/paged_attention.cpp \
+		$(KDIR)/dense_linear.cpp $(KDIR)/pool.h $(KDIR)/build.py
 	$(VPY) -m lmstack.kernels.build
 	mkdir -p $(dir $(KSTAMP)) && touch $(KSTAMP)
 

@@ -5,9 +5,11 @@
     .venv/bin/python benchmarks/bench_quant.py --fallback # also the PyTorch path (dequantize + F.linear)
     .venv/bin/python benchmarks/bench_quant.py --micro    # one linear: fp32, the PyTorch path, torch's
                                                           # packed kernels, ours; batch 1/4/16; GB/s
+    .venv/bin/python benchmarks/bench_quant.py --peer --threads 1   # our INT8 vs llama.cpp Q8_0
 
 Decode: each model (random weights: speed does not depend on them) is quantized with RTN
-INT8 per output channel, RTN INT4 in groups of 128 and NF4 (blocks of 64), every linear of
+INT8 per output channel (weight-only, and W8A8: act_bits=8), RTN INT4 in groups of 128 and NF4
+(blocks of 64), every linear of
 the blocks (the LM head stays float32, as `all-linear` leaves it). Each variant gets its own
 `LLM`; repetitions interleave the variants (rotating the order) so machine noise hits all
 alike. Batch-1 greedy decode rate = (N - 1) / (t(N tokens) - t(1 token)) from one 8-token
@@ -22,6 +24,25 @@ measured read bandwidth.
 (dequantize + F.linear, what every step paid before the kernels); torch's own packed-weight CPU
 kernels (_weight_int8pack_mm with float32 and bfloat16 activations, _weight_int4pack_mm_for_cpu);
 ours (the quantized modules' forward); and the GB/s of weight bytes each of ours reads.
+
+--peer: our INT8 path against llama.cpp (llama-cpp-python) on the same model. Each model's
+float32 weights are written by our GGUF export as Q8_0 (every matrix, the LM head and the
+embedding included, blocks of 32) and run by llama.cpp; ours quantizes the same weights to
+RTN INT8 per output channel, the LM head included (so both read ~8.5 / ~8 bits per weight of
+the head too), twice: weight-only (float inputs) and W8A8 (act_bits=8: inputs rounded to int8
+in blocks of 128, as llama.cpp rounds activations for its quantized matmuls; integer dot
+products). Same thread count on both sides (--threads). Two figures, each side in its
+default KV cache (ours: float32; llama.cpp: f16), greedy, end-of-text ignored:
+  batch-1 decode tokens/s: (N - 1) / (t(N tokens) - t(1 token)) from an 8-token prompt;
+  offline throughput: 32 mixed prompts (in 16-256, out 16-128 tokens, seeded; --quick: 16-128,
+  16-64 and the first model only) sent at once,
+  generated tokens / wall time (prefill included): our LLM.generate (max_num_seqs=32) vs
+  llama.cpp's batched C API (one context, n_seq_max=32; _llamacpp_peer.py).
+Repetitions interleave the sides, rotating who goes first; reported: median tokens/s of each
+side and the median over repetitions of ours / llama.cpp.  Goals: offline >= 1.0x, batch-1 >=
+0.5x. On a shared, busy machine use --threads 1: llama.cpp's threads meet at a spin barrier
+after every graph node, and with 2 threads on 2 loaded cores it measured ~1 tok/s at batch 1
+(56 with one thread; ours degrades ~2x, pool.h), which would measure the scheduler.
 """
 from __future__ import annotations
 
@@ -48,6 +69,7 @@ MODELS = {  # name -> Llama-shaped config (RoPE, RMSNorm, SwiGLU, GQA), untied L
     "6x768 (49M)": dict(n_layer=6, n_embd=768, n_head=12, n_kv_head=12, vocab_size=4096),
 }
 VARIANTS = {"fp32": None, "int8": QuantConfig(method="rtn", bits=8),
+            "w8a8": QuantConfig(method="rtn", bits=8, act_bits=8),
             "int4": QuantConfig(method="rtn", bits=4, group_size=128), "nf4": QuantConfig(method="nf4")}
 
 
@@ -187,7 +209,7 @@ def micro_case(K: int, N: int, M: int, reps: int) -> tuple[dict, dict]:
 
 def quantized_linear(lin, qc: QuantConfig) -> QuantLinear:
     """One nn.Linear quantized as quantize_model would (RTN or NF4), outside a model."""
-    m = make_quant_linear(lin, "linear", qc.method, qc.bits, qc.group_size, qc.symmetric)
+    m = make_quant_linear(lin, "linear", qc.method, qc.bits, qc.group_size, qc.symmetric, qc.act_bits)
     if qc.method == "nf4":
         m.set_state(*quantize_nf4(lin.weight, qc.group_size))
     else:
@@ -219,6 +241,111 @@ def bench_micro(args) -> None:
                   " / ".join(f"{nbytes[k] / r[k] / 1e3:.1f}" for k in gb_cols), flush=True)
 
 
+# ---- --peer: llama.cpp on the same model --------------------------------------------------
+
+PEER_INT8 = {   # our INT8 paths, the LM head included (llama.cpp's Q8_0 file quantizes it too)
+    "ours INT8": QuantConfig(method="rtn", bits=8, targets=("all-linear", "lm_head")),
+    "ours W8A8": QuantConfig(method="rtn", bits=8, act_bits=8, targets=("all-linear", "lm_head")),
+}
+
+
+def peer_workload(n: int, quick: bool, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """n prompts of 16-256 tokens (--quick: 16-128), each to be continued by 16-128 (16-64) tokens."""
+    g = torch.Generator().manual_seed(seed)
+    in_lens = torch.randint(16, 129 if quick else 257, (n,), generator=g).tolist()
+    out_lens = torch.randint(16, 65 if quick else 129, (n,), generator=g).tolist()
+    return [torch.randint(1, 4000, (k,), generator=g).tolist() for k in in_lens], out_lens
+
+
+def peer_case(overrides: dict, args, tmp: str):
+    from _llamacpp_peer import LlamaCpp   # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+
+    from lmstack.quant.export import export_gguf
+    from lmstack.tokenizer import Tokenizer
+    torch.manual_seed(0)
+    base = Transformer(ModelConfig(tie_embeddings=False, context_length=512, **overrides)).eval()
+    tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog 0123456789. " * 8], vocab_size=300,
+                          show_progress=False)
+    path = os.path.join(tmp, "model-q8_0.gguf")
+    export_gguf(base, tok, path, type="q8_0", overwrite=True)
+    prompts, out_lens = peer_workload(args.num_prompts, args.quick)
+    n = len(prompts)
+
+    def ours_gen(llm, ps, ms):
+        params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in ms]
+        return [o.outputs[0].token_ids for o in llm.generate(ps, params)]
+
+    sides = {}
+    for name, qc in PEER_INT8.items():
+        model = Transformer(base.config).eval()
+        model.load_state_dict(base.state_dict())
+        quantize_model(model, qc)
+        one = LLM(model, kv_cache_tokens=1024, max_num_seqs=1, enable_prefix_caching=False)
+        many = LLM(model, kv_cache_tokens=sum(len(p) + m for p, m in zip(prompts, out_lens)) + 16 * n,
+                   max_num_seqs=n, max_num_batched_tokens=2048, enable_prefix_caching=False)
+        sides[name] = (lambda ps, ms, llm=one: ours_gen(llm, ps, ms), lambda ps, ms, llm=many: ours_gen(llm, ps, ms))
+    theirs1 = LlamaCpp(path, args.threads, n_seq_max=1, n_ctx=512)
+    theirsN = LlamaCpp(path, args.threads, n_seq_max=n, n_ctx=n * 512)
+    sides["llama.cpp"] = (theirs1.generate, theirsN.generate)
+    prompt = list(range(11, 19))
+
+    def decode(gen) -> float:
+        t0 = time.perf_counter()
+        gen([prompt], [1])
+        t1 = time.perf_counter()
+        gen([prompt], [args.tokens])
+        return (args.tokens - 1) / max(time.perf_counter() - t1 - (t1 - t0), 1e-9)
+
+    def offline(gen) -> float:
+        t0 = time.perf_counter()
+        outs = gen(prompts, out_lens)
+        dt = time.perf_counter() - t0
+        assert [len(o) for o in outs] == out_lens
+        return sum(out_lens) / dt
+
+    for one, many in sides.values():                       # warm-up
+        one([prompt], [4])
+        many(prompts[:2], [4, 4])
+    rates = {(k, w): [] for k in sides for w in ("batch-1", "offline")}
+    names = list(sides)
+    for r in range(args.reps):
+        for k in names[r % len(names):] + names[:r % len(names)]:     # rotate who goes first
+            rates[k, "batch-1"].append(decode(sides[k][0]))
+            rates[k, "offline"].append(offline(sides[k][1]))
+    theirs1.close()
+    theirsN.close()
+    return rates, sum(out_lens), sum(map(len, prompts))
+
+
+def bench_peer(args) -> None:
+    try:
+        import llama_cpp
+    except ImportError:
+        print("--peer needs llama-cpp-python (`make llamacpp`); skipped")
+        return
+    import tempfile
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    print(f"our INT8 (RTN per channel, LM head too; weight-only and W8A8) vs llama.cpp {llama_cpp.__version__} "
+          f"Q8_0 (our export), "
+          f"{args.threads or torch.get_num_threads()} threads each, load average {os.getloadavg()[0]:.1f}; "
+          f"kernels: {'built' if kernels.available() else kernels.unavailable_reason()}")
+    args.threads = args.threads or torch.get_num_threads()
+    goals = {"batch-1": 0.5, "offline": 1.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mname, overrides in list(MODELS.items())[:1 if args.quick else None]:
+            rates, n_out, n_in = peer_case(overrides, args, tmp)
+            print(f"\n== {mname}: {args.reps} repetitions; batch-1: {args.tokens} tokens; offline: "
+                  f"{args.num_prompts} prompts, {n_in} prompt + {n_out} generated tokens")
+            print(f"{'':<10}{'side':<12}{'tok/s':>9}{'vs llama.cpp':>14}{'goal':>7}")
+            for w, goal in goals.items():
+                theirs = rates["llama.cpp", w]
+                print(f"{w:<10}{'llama.cpp':<12}{statistics.median(theirs):>9.1f}")
+                for k in PEER_INT8:
+                    ours = rates[k, w]
+                    ratio = statistics.median(a / b for a, b in zip(ours, theirs))
+                    print(f"{'':<10}{k:<12}{statistics.median(ours):>9.1f}{ratio:>13.2f}x{goal:>6.1f}x", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--micro", action="store_true", help="the single-linear kernel table instead of decode")
@@ -228,6 +355,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="3 repetitions of 32 tokens")
     p.add_argument("--fallback", action="store_true", help="decode: also INT8/INT4 on the PyTorch path")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--peer", action="store_true", help="our INT8 vs llama.cpp Q8_0: batch-1 and offline")
+    p.add_argument("--num-prompts", type=int, default=32, help="--peer: offline prompts")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,6 +365,9 @@ def main(argv=None) -> int:
     if args.micro:
         args.reps = args.reps or 30
         bench_micro(args)
+    elif args.peer:
+        args.reps = args.reps or 3
+        bench_peer(args)
     else:
         args.reps = args.reps or 7
         bench_decode(args)

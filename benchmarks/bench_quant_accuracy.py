@@ -8,7 +8,8 @@
 
 Model: the run of _tinyworld_run.py (the `tiny` preset, 4 x 256, 3.7M parameters, trained
 on tinyworld; built and cached on first use). Variants, each at group sizes 64 and 32 (the MLP's
-704 inputs rule out 128): RTN INT8, RTN INT4, NF4 (blocks of g), GPTQ INT4, AWQ INT4
+704 inputs rule out 128): RTN INT8, RTN W8A8 (INT8 with int8 inputs, act_bits=8, in blocks of
+g), RTN INT4, NF4 (blocks of g), GPTQ INT4, AWQ INT4
 (calibrated on 16 x 128 training tokens), QAT INT4 (fake-quantized finetune through the
 Trainer on the training shards, `--qat-steps` at lr 5e-4, the pretraining's final lr, then
 converted), and "fp32 + finetune": the float model finetuned the same steps, a control for
@@ -50,7 +51,7 @@ from lmstack.eval import engine_completer  # noqa: E402
 from lmstack.infer import LLM, SamplingParams  # noqa: E402
 from lmstack.infer.paged_cache import PagedKVCache  # noqa: E402
 from lmstack.model import Transformer  # noqa: E402
-from lmstack.quant import QuantConfig, convert_qat, quantize_model  # noqa: E402
+from lmstack.quant import QAT, QuantConfig, convert_qat, quantize_model  # noqa: E402
 from lmstack.tokenizer import Tokenizer  # noqa: E402
 from lmstack.train import TrainConfig, Trainer  # noqa: E402
 
@@ -118,8 +119,8 @@ def qat_finetune(base, run_dir: Path, steps: int, qat: dict | None):
     with tempfile.TemporaryDirectory(prefix="lmstack-qat-") as out:
         cfg = TrainConfig(data=str(run_dir / "data"), out=out, max_steps=steps, batch_size=8, seq_len=SEQ, lr=5e-4,
                           min_lr_ratio=1.0, warmup_steps=min(10, steps), eval_every=0, eval_batches=1, ckpt_every=0,
-                          keep_last=1, tensorboard=False, device="cpu", qat=qat or {})
-        Trainer(cfg, model).fit()
+                          keep_last=1, tensorboard=False, device="cpu")
+        Trainer(cfg, model, model_transform=QAT(qat) if qat else None).fit()
     return convert_qat(model) if qat else model
 
 
@@ -130,7 +131,8 @@ def variants(base, run_dir: Path, calib: np.ndarray, qat_steps: int):
         yield f"fp32 + finetune {qat_steps}", "-", qat_finetune(base, run_dir, qat_steps, None)
     ids = torch.from_numpy(calib.astype(np.int64))
     for g in GROUPS:
-        for name, qc in (("RTN INT8", QuantConfig("rtn", 8, g)), ("RTN INT4", QuantConfig("rtn", 4, g)),
+        for name, qc in (("RTN INT8", QuantConfig("rtn", 8, g)), ("RTN W8A8", QuantConfig("rtn", 8, g, act_bits=8)),
+                         ("RTN INT4", QuantConfig("rtn", 4, g)),
                          ("NF4", QuantConfig("nf4", 4, g)), ("GPTQ INT4", QuantConfig("gptq", 4, g)),
                          ("AWQ INT4", QuantConfig("awq", 4, g))):
             m = copy.deepcopy(base)

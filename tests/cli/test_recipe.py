@@ -60,8 +60,8 @@ def test_train_defaults_are_the_default_recipes(tmp_path, monkeypatch):
     seen = {}
 
     class Capture:
-        def __init__(self, cfg):
-            seen["cfg"] = cfg
+        def __init__(self, cfg, model_transform=None):
+            seen["cfg"], seen["transform"] = cfg, model_transform
 
         def fit(self):
             return {}
@@ -72,6 +72,10 @@ def test_train_defaults_are_the_default_recipes(tmp_path, monkeypatch):
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "o")]) == 0
     assert seen["cfg"] == train_config_for(RunOptions(), data=str(data), out=str(tmp_path / "o"))
     assert seen["cfg"].max_steps == 500 and seen["cfg"].batch_size == 8 and seen["cfg"].lr == 0.005
+    assert seen["transform"] is None
+    # --qat: the trainer gets quant's QAT transform (train/ itself never imports quant/)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--qat", "{bits: 4, group_size: 32}"]) == 0
+    assert (seen["transform"].config.bits, seen["transform"].config.group_size) == (4, 32)
     assert main(["train", "--recipe", str(TINYWORLD), "--data", str(data), "--out", "o2", "--lr", "0.01"]) == 0
     assert seen["cfg"] == dataclasses.replace(train_config_for(RunOptions(), data=str(data), out="o2"), lr=0.01)
 

@@ -1,15 +1,16 @@
 """Quantization-aware training: the fake-quantized forward is RTN's dequantized weight bit for
 bit, the straight-through gradient follows its stated rule, the Trainer trains through it
-(TrainConfig.qat) and convert_qat gives the IntLinear model whose codes are rtn_quantize of
-the trained weights and whose logits are the fake-quant model's."""
+(the trainer's model_transform, QAT) and convert_qat gives the IntLinear model whose codes
+are rtn_quantize of the trained weights and whose logits are the fake-quant model's."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmstack import kernels
+from lmstack.utils import LmstackError
 from lmstack.model import IntLinear, ModelConfig, Transformer, get_transforms
-from lmstack.quant import FakeQuantLinear, QuantConfig, QuantError, convert_qat, prepare_qat, quantize_model
+from lmstack.quant import QAT, FakeQuantLinear, QuantConfig, QuantError, convert_qat, prepare_qat, quantize_model
 from lmstack.quant.qat import fake_quantize_grid, ste_fake_quantize
 from lmstack.quant.rtn import fake_quantize, rtn_quantize
 
@@ -102,9 +103,8 @@ def test_trainer_option_trains_through_fake_quant_and_convert_matches(tmp_path):
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(out=str(tmp_path / "run"), max_steps=8, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1,
-                      eval_every=0, ckpt_every=0, tensorboard=False, device="cpu",
-                      qat={"bits": 4, "group_size": 32})
-    res = Trainer(cfg, model, batches=Tokens()).fit()
+                      eval_every=0, ckpt_every=0, tensorboard=False, device="cpu")
+    res = Trainer(cfg, model, batches=Tokens(), model_transform=QAT({"bits": 4, "group_size": 32})).fit()
     names = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
     assert [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)] == names
     assert set(model.state_dict()) == set(before)                    # same state-dict names
@@ -138,7 +138,7 @@ def test_trainer_option_trains_through_fake_quant_and_convert_matches(tmp_path):
         assert torch.equal(Transformer.from_pretrained(tmp_path / "int4")(x), model(x))
 
 
-def test_bad_settings_are_clear_errors_and_change_nothing():
+def test_bad_settings_are_clear_errors_and_change_nothing(tmp_path):
     m = tiny()
     with pytest.raises(QuantError, match=r"unknown key\(s\) \['bitz'\]"):
         prepare_qat(m, {"bitz": 4})
@@ -154,12 +154,18 @@ def test_bad_settings_are_clear_errors_and_change_nothing():
     prepare_qat(m, {"bits": 4})
     with pytest.raises(QuantError, match="already has fake-quantized"):
         prepare_qat(m, {"bits": 8})
+    with pytest.raises(QuantError, match=r"fake-quantized \(QAT\).*int4.*convert_qat"):
+        quantize_model(m, QuantConfig("rtn", 4))
+    assert sum(isinstance(x, FakeQuantLinear) for x in m.modules()) == 8     # unchanged
+    from lmstack.quant.export import export_hf_folder
+    with pytest.raises(LmstackError, match=r"fake-quantized \(QAT\).*convert_qat"):
+        export_hf_folder(m, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []                                    # nothing written
     q = tiny()
     quantize_model(q, QuantConfig("rtn", 8))
     with pytest.raises(QuantError, match="already quantized"):
         prepare_qat(q, {"bits": 4})
-    from lmstack.train import TrainConfig
     with pytest.raises(ValueError, match="bitz"):
-        TrainConfig(qat={"bitz": 4})
+        QAT({"bitz": 4})                  # the trainer's transform checks its settings when made
     with pytest.raises(ValueError, match="group_size=48"):
-        TrainConfig(qat={"bits": 4, "group_size": 48})
+        QAT({"bits": 4, "group_size": 48})

@@ -7,6 +7,7 @@
     torchrun --nproc-per-node 2 -m lmstack.cli.main train --data DIR --out runs/ddp
     torchrun --nproc-per-node 4 -m lmstack.cli.main train --distributed tp+dp --tp-size 2 ...
     (--distributed ddp | zero1 | zero2 | zero3 | fsdp | tp | pp | tp+dp; pp: --pp-schedule, --grad-accum)
+    lmstack train --out runs/qat --qat '{bits: 4, group_size: 32}'   # quantization-aware training
 
 Every TrainConfig field is a recipe key and a --flag-with-dashes. The defaults are those of
 the default recipe (recipes/tinyworld.yaml), shown below. Without --data, the recipe's data
@@ -20,6 +21,7 @@ import dataclasses
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmstack.cli.options import add_options, build_options, from_dict, given
@@ -28,6 +30,14 @@ from lmstack.train import TrainConfig, Trainer
 
 # The data keys get flags of their own; seed is TrainConfig's (the corpus and the init share it).
 DATA_FLAGS = tuple(k for k in DATA_KEYS if k != "seed")
+
+
+@dataclass
+class QATFlag:
+    """--qat: the trainer's model transform lmstack.quant.QAT (train/ does not import quant/)."""
+    qat: dict = field(default_factory=dict, metadata={"help": "quantization-aware training: fake-quantize the "
+                      "linears (straight-through estimator), e.g. '{bits: 4, group_size: 32, symmetric: true}'; "
+                      "the run saves the float (latent) weights: convert with lmstack.quant.convert_qat"})
 
 
 def defaults() -> dict:
@@ -41,6 +51,7 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, TrainConfig, defaults=defaults())
     add_options(p, RunOptions, recipe=False, only=DATA_FLAGS)
+    add_options(p, QATFlag, recipe=False)
     p.set_defaults(func=run)
 
 
@@ -54,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     recipe = read_recipe(args.recipe, "train")
     data_keys = {k: recipe.pop(k) for k in DATA_FLAGS if k in recipe}
     cfg = build_options(TrainConfig, args, base=defaults(), recipe=recipe)
+    qat = build_options(QATFlag, args, recipe={}).qat
+    transform = None
+    if qat:
+        from lmstack.quant import QAT
+        transform = QAT(qat)    # checked here, before any data is built
     preflight(cfg)              # a bad preset or --seq-len fails before the default corpus is built
     check_launch(cfg, int(os.environ.get("WORLD_SIZE", 0)))   # so does a mode the launch cannot hold
     flags = given(args, DATA_FLAGS)
@@ -64,6 +80,6 @@ def run(args: argparse.Namespace) -> int:
     elif flags:
         ignored = ", ".join("--" + k.replace("_", "-") for k in flags)
         print(f"note: --data {cfg.data} is used as it is; ignoring {ignored}", file=sys.stderr)
-    result = Trainer(cfg).fit()
+    result = Trainer(cfg, model_transform=transform).fit()
     print(json.dumps({k: v for k, v in result.items() if v is not None}, indent=2))
     return 0

@@ -12,6 +12,13 @@ per forward, where the new tokens go (`write_rows`, `write_slots`) and which slo
 reads back (`read_slots`, `read_pos`); `update` then only scatters and gathers, with no
 per-sequence Python in the per-layer path.
 
+Fused path (`attend`, the protocol's optional method, see model/cache.py): for rows of a few
+queries (decode, draft verification) on CPU in float32, attention asks the cache for its
+output directly; one C++ op (kernels/paged_attention.cpp) applies RoPE, writes the new K/V
+and reads each row's blocks in place through its block table, with an online softmax. No
+(B, S) gather index is built then, and no copy of the context is made. Where the kernel does
+not apply, `attend` returns None and the gather + SDPA path above runs; both are tested equal.
+
 INT8 storage (`kv_cache_dtype="int8"`). Keys and values are stored as int8 codes with one
 absmax scale per token and head, kept beside the codes in the same slot layout
 `(num_blocks * block_size, n_kv_head)`, i.e. each block carries the scales of its tokens
@@ -38,8 +45,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmstack import kernels
 from lmstack.utils import LmstackError
 
+# Rows of up to this many queries (decode: 1; draft verification: k + 1) take the fused kernel;
+# longer prefill chunks gather their context and call SDPA, whose blocked GEMMs win there.
+# Measured (4 rows, 8 heads / 2 kv heads, head_dim 64, context 256, one thread, shared machine):
+# kernel time / gather + SDPA time = 0.07 at T=1, 0.8 at T=4, 1.1 at T=8, 2.0 at T=16.
+FUSED_MAX_T = 8
 KV_CACHE_DTYPES = ("auto", "int8")     # auto: the model's dtype
 SCALE_DTYPE = torch.bfloat16           # an int8 token's per-head scale
 QMAX = 127
@@ -79,9 +92,11 @@ class PagedKVCache:
         if self.quantized:   # (n_layer, slots, n_kv_head): one scale per token and head
             self.k_scale = torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=device)
             self.v_scale = torch.zeros_like(self.k_scale)
-        # set by `bind` before each forward
+        # set by `bind` / `bind_tables` before each forward
         self.write_rows: Tensor | None = None   # (N,) indices into the flattened (B*T) new tokens, None = all
         self.write_slots: Tensor | None = None  # (N,) destination slot of each written token
+        self.tables: Tensor | None = None       # (B, n_blk) long block tables (bind_tables), for attend()
+        self.context_lens: Tensor | None = None  # (B,) long: positions 0..len-1 of each row hold K/V
         self.read_slots: Tensor | None = None   # (B, S) slot of each key/value a row may see
         self.read_pos: Tensor | None = None     # (B, S) its position; -1 = padding
         self.read_flat: Tensor | None = None    # read_slots flattened to (B*S,)
@@ -95,17 +110,64 @@ class PagedKVCache:
         return 2 * n_layer * n_kv_head * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def bind(self, write_rows: Tensor | None, write_slots: Tensor, read_slots: Tensor, read_pos: Tensor) -> None:
+        """An explicit read index: row b reads slots read_slots[b] (B, S) at positions read_pos[b]."""
         self.write_rows, self.write_slots = write_rows, write_slots
+        self.tables = self.context_lens = None
         self.read_slots, self.read_pos = read_slots, read_pos
         self.read_flat = read_slots.reshape(-1)
 
-    def update(self, layer_idx: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def bind_tables(self, write_rows: Tensor | None, write_slots: Tensor, tables: Tensor, context_lens: Tensor) -> None:
+        """The runner's binding: block tables (B, n_blk) long and context lengths (B,) long. The
+        fused attend() reads through the tables; the (B, S) gather index of update() is built
+        from them only when a layer asks for it (the first update() of the forward)."""
+        self.write_rows, self.write_slots = write_rows, write_slots
+        self.tables, self.context_lens = tables, context_lens
+        self.read_slots = self.read_pos = self.read_flat = None
+
+    def _read_index(self) -> None:
+        """read_slots / read_pos / read_flat from the bound tables: every row's context 0 .. len-1, padded to S."""
+        if self.read_flat is not None:
+            return
+        bs, ctx, dev = self.block_size, self.context_lens, self.tables.device
+        B, S = ctx.shape[0], int(ctx.max())
+        s = torch.arange(S, device=dev)
+        self.read_pos = torch.where(s[None, :] < ctx[:, None], s[None, :].expand(B, S), -1)        # (B, S)
+        rp = self.read_pos.clamp_min(0)
+        self.read_slots = self.tables.gather(1, rp // bs) * bs + rp % bs
+        self.read_flat = self.read_slots.reshape(-1)
+
+    def _new_rows(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, H, T, D) -> (N, H, D): the tokens to write, in the runner's flattened order."""
         B, H, T, D = k.shape
-        # (B, H, T, D) -> (B*T, H, D): one row per new token, in the runner's flattened order
         k_new = k.transpose(1, 2).reshape(B * T, H, D)
         v_new = v.transpose(1, 2).reshape(B * T, H, D)
         if self.write_rows is not None:
             k_new, v_new = k_new.index_select(0, self.write_rows), v_new.index_select(0, self.write_rows)
+        return k_new, v_new
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float,
+               window: int | None, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor | None:
+        """The fused path of causal attention (model/attention.py asks it before update()): one
+        kernel call rotates q and k by RoPE (cos, sin (B, 1, T, rot); None: no RoPE), writes k and
+        v at each token's slot and reads every row's context in place through its block table.
+        q (B, T, H, D), k, v (B, T, KV, D): the QKV projection's views, before RoPE; positions
+        (B, T). Returns (B, T, H * D), or None, having written nothing, where the kernel does not
+        apply (library not built, not float32 on CPU, int8 storage, rows of more than FUSED_MAX_T
+        queries, an explicit bind()): the caller then takes RoPE, update() and SDPA."""
+        B, T, H, D = q.shape
+        if (self.tables is None or self.quantized or T > FUSED_MAX_T or q.dtype != torch.float32
+                or self.k.dtype != torch.float32 or q.device.type != "cpu" or not kernels.available()):
+            return None
+        if cos is not None:
+            cos, sin = cos.squeeze(1), sin.squeeze(1)                                   # (B, T, rot)
+        out = kernels.paged_attention_step(q, k, v, self.k[layer_idx], self.v[layer_idx], self.tables, positions,
+                                           cos, sin, self.block_size, scale, window)      # (B, T, H, D)
+        return out.view(B, T, H * D)
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, H, T, D = k.shape
+        self._read_index()
+        k_new, v_new = self._new_rows(k, v)       # (N, H, D)
         if self.quantized:
             return self._update_int8(layer_idx, k_new, v_new, k.dtype)
         k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]

@@ -4,6 +4,8 @@
     if kernels.available():                   # built for these sources and this torch
         y = kernels.quant_linear(x, weight, scale, zero, codebook, bits, group_size, bias)
         w = kernels.quant_dequantize(weight, scale, zero, codebook, bits, group_size)   # (N, K) float32
+        out = kernels.paged_attention(q, k_cache, v_cache, block_tables, q_pos, block_size, scale, window)
+        out = kernels.paged_attention_step(q, k, v, k_cache, v_cache, block_tables, q_pos, cos, sin, ...)
     with kernels.disabled():                  # force the PyTorch path (benchmarks, tests)
         ...
 
@@ -12,13 +14,21 @@
                     decodes them in registers (float32 accumulation); for prefill it hands
                     cached blocks of the dequantized weight to MKL's GEMM.
                     torch.ops.lmstack.quant_dequantize: the float32 weight in one pass
+  quant_linear_a8.cpp  torch.ops.lmstack.quant_linear_a8, INT8 weights x int8 activations
+                    (W8A8, act_bits=8): x rounded in blocks of 32, VNNI integer dot products
+  paged_attention.cpp  torch.ops.lmstack.paged_attention, attention of a few queries per row
+                    (decode, draft verification) reading K/V in place through block tables,
+                    online softmax, GQA, sliding window; paged_attention_step: RoPE on the
+                    new q, k + the K/V write + that attention in one op (infer/paged_cache.py)
+  dense_linear.cpp  torch.ops.lmstack.dense_linear, the float32 linear for a few rows (decode
+                    GEMVs), faster than MKL's on our AMD CPUs (infer/fast_linear.py uses it)
   build.py          `python -m lmstack.kernels.build`, run by `make install`: compiles into
                     _build/ and records the source hash and torch version it was built for
 
 The library is never compiled at import time. When it is missing, stale (sources edited
 since the build) or built for another torch, the first quantized forward that would use it
 emits ONE RuntimeWarning saying why and how to build, and every layer takes the PyTorch path
-(dequantize, then F.linear). LMSTACK_KERNELS=0 in the environment turns the kernels off
+(dequantize, then F.linear; gather the context, then SDPA). LMSTACK_KERNELS=0 in the environment turns the kernels off
 without a warning.
 """
 from __future__ import annotations
@@ -36,7 +46,7 @@ from lmstack.utils.errors import LmstackError
 
 
 class KernelsUnavailable(LmstackError):
-    """quant_linear was called on a machine where the library is missing, stale or turned off."""
+    """A kernel was called on a machine where the library is missing, stale or turned off."""
 
 
 _lock = threading.Lock()
@@ -74,14 +84,34 @@ def _register_fakes() -> None:
     def _(x, weight, scale, zero, codebook, bits, group_size, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("lmstack::quant_linear_a8")
+    def _(x, weight, scale, zero, group_size, act_block, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     @torch.library.register_fake("lmstack::quant_dequantize")
     def _(weight, scale, zero, codebook, bits, group_size):
         return scale.new_empty(weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1))
+
+    @torch.library.register_fake("lmstack::paged_attention")
+    def _(q, k_cache, v_cache, block_tables, q_pos, block_size, scale, window):
+        B, H, T, D = q.shape
+        return q.new_empty(B, T, H, D)
+
+    @torch.library.register_fake("lmstack::dense_linear")
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("lmstack::paged_attention_step")
+    def _(q, k, v, k_cache, v_cache, block_tables, q_pos, cos, sin, block_size, scale, window):
+        return q.new_empty(q.shape)
 
 
 def _registered() -> bool:
     try:
         torch.ops.lmstack.quant_linear
+        torch.ops.lmstack.paged_attention_step
+        torch.ops.lmstack.dense_linear
+        torch.ops.lmstack.quant_linear_a8
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -102,9 +132,10 @@ def available() -> bool:
                     except Exception as e:   # a corrupt record or library: fall back, say why
                         _why_not = f"loading them failed ({type(e).__name__}: {e})"
                     if _why_not is not None:
-                        warnings.warn(f"lmstack: the compiled quantized-linear CPU kernels are unavailable "
-                                      f"({_why_not}); quantized layers use the slower PyTorch path. Build them "
-                                      f"with `make kernels` or `python -m lmstack.kernels.build`.",
+                        warnings.warn(f"lmstack: the compiled CPU kernels are unavailable ({_why_not}); "
+                                      f"quantized layers, paged attention and decode linears use the slower "
+                                      f"PyTorch path. Build them with `make kernels` or "
+                                      f"`python -m lmstack.kernels.build`.",
                                       RuntimeWarning, stacklevel=3)
                 _loaded = _why_not is None
     return _loaded and not _disabled
@@ -119,7 +150,7 @@ def unavailable_reason() -> str | None:
 
 @contextlib.contextmanager
 def disabled():
-    """Within the block available() is False: quantized layers take the PyTorch path."""
+    """Within the block available() is False: quantized layers and attention take the PyTorch path."""
     global _disabled
     _disabled += 1
     try:
@@ -146,6 +177,17 @@ def quant_linear(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor | None, 
     return torch.ops.lmstack.quant_linear.default(x, weight, scale, zero, codebook, bits, group_size, bias)
 
 
+def quant_linear_a8(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, act_block: int,
+                    bias: Tensor | None) -> Tensor:
+    """y (M, N) = x_hat (M, K) @ W_hat^T + bias for INT8 codes weight (N, K) uint8 (scale, zero as
+    quant_linear; zero None: symmetric, 128), x_hat = x rounded to int8 in blocks of act_block
+    inputs (absmax / 127 each, model/quantized.py's quantize_activations), by integer dot products.
+    Raises KernelsUnavailable when the library cannot be loaded."""
+    if not _loaded:
+        _require()
+    return torch.ops.lmstack.quant_linear_a8.default(x, weight, scale, zero, group_size, act_block, bias)
+
+
 def quant_dequantize(weight: Tensor, scale: Tensor, zero: Tensor | None, codebook: Tensor | None, bits: int,
                      group_size: int) -> Tensor:
     """The (N, K) float32 W_hat of quant_linear's weight format, in one pass (equal bit for bit
@@ -155,9 +197,48 @@ def quant_dequantize(weight: Tensor, scale: Tensor, zero: Tensor | None, codeboo
     return torch.ops.lmstack.quant_dequantize.default(weight, scale, zero, codebook, bits, group_size)
 
 
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, q_pos: Tensor,
+                    block_size: int, scale: float, window: int | None) -> Tensor:
+    """Causal attention of queries q (B, H, T, D) float32 (last dim contiguous) at positions q_pos
+    (B, T) int64 (-1 = padding: zeros out) over the keys and values of positions 0..q_pos of their
+    row, read in place from k_cache / v_cache (slots, KV, D): position p of row b is slot
+    block_tables[b, p // block_size] * block_size + p % block_size. window: keep only
+    q_pos - p < window (None: all). Returns (B, T, H, D) float32; H a multiple of KV (GQA).
+    Raises KernelsUnavailable when the library cannot be loaded."""
+    if not _loaded:
+        _require()
+    return torch.ops.lmstack.paged_attention.default(q, k_cache, v_cache, block_tables, q_pos, block_size, scale,
+                                                     0 if window is None else window)
+
+
+def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """y (M, N) = x (M, K) @ weight (N, K)^T + bias, float32, all contiguous; for few rows
+    (decode), where it reads each weight once at close to the cache / memory rate.
+    Raises KernelsUnavailable when the library cannot be loaded."""
+    if not _loaded:
+        _require()
+    return torch.ops.lmstack.dense_linear.default(x, weight, bias)
+
+
+def paged_attention_step(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                         q_pos: Tensor, cos: Tensor | None, sin: Tensor | None, block_size: int, scale: float,
+                         window: int | None) -> Tensor:
+    """One decode step's attention from the QKV projection's output: q (B, T, H, D), k, v
+    (B, T, KV, D) float32 (views are fine: last dim contiguous), before RoPE. Rotates q and k by
+    cos / sin (B, T, rot) (half-split layout, model/positions.py; None: no RoPE), writes k and v
+    into k_cache / v_cache at each token's slot (position q_pos[b, t] through block_tables; -1:
+    padding, not written), then returns paged_attention of the rotated q: (B, T, H, D)."""
+    if not _loaded:
+        _require()
+    return torch.ops.lmstack.paged_attention_step.default(q, k, v, k_cache, v_cache, block_tables, q_pos, cos, sin,
+                                                          block_size, scale, 0 if window is None else window)
+
+
 def _require() -> None:
     if not available() and not _loaded:
         raise KernelsUnavailable(f"the compiled kernels are unavailable: {unavailable_reason()}")
 
 
-__all__ = ["KernelsUnavailable", "available", "unavailable_reason", "disabled", "quant_linear", "quant_dequantize"]
+__all__ = ["KernelsUnavailable", "available", "unavailable_reason", "disabled", "quant_linear", "quant_linear_a8",
+           "quant_dequantize",
+           "paged_attention", "paged_attention_step", "dense_linear"]

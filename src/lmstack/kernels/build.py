@@ -1,15 +1,15 @@
 """Build the CPU kernels ahead of time: `python -m lmstack.kernels.build` (`make install` runs it).
 
-Compiles quant_linear.cpp with torch's extension machinery (torch.utils.cpp_extension, which
-needs ninja and a C++ compiler) into lmstack/kernels/_build/, then writes BUILD_INFO.json:
+Compiles the .cpp files of SOURCES into one library (torch.utils.cpp_extension, which needs
+ninja and a C++ compiler) in lmstack/kernels/_build/, then writes BUILD_INFO.json:
 the hash of the sources and the torch version the library was built against. The loader
 (lmstack/kernels/__init__.py) only loads a library whose record matches the sources and torch
 it sees, so an edited source or an upgraded torch falls back to PyTorch (with a warning)
 instead of loading a stale or ABI-incompatible library.
 
 A machine that cannot build (no compiler, no ninja) is not an error: the build prints one
-warning and exits 0, and quantized layers run on the pure-PyTorch path. `--strict` makes a
-failed build exit 1 (for tests of the build itself).
+warning and exits 0, and every op runs on the pure-PyTorch path.
+`--strict` makes a failed build exit 1 (for tests of the build itself).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "quant_linear.cpp", HERE / "pool.h")   # what the build record hashes
+SOURCES = (HERE / "quant_linear.cpp", HERE / "quant_linear_a8.cpp", HERE / "paged_attention.cpp",
+           HERE / "dense_linear.cpp", HERE / "pool.h")   # what the build record hashes
 BUILD_DIR = HERE / "_build"
 INFO = BUILD_DIR / "BUILD_INFO.json"
 NAME = "lmstack_kernels"
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a machine without a toolchain keeps working, on the slower path
         msg = " ".join(str(e).split())[-600:]
         print(f"WARNING: lmstack CPU kernels were not built ({type(e).__name__}: {msg}); quantized layers "
-              f"will use the pure-PyTorch path", file=sys.stderr)
+              f"paged attention and decode linears will use the pure-PyTorch path", file=sys.stderr)
         return 1 if args.strict else 0
     print(f"lmstack CPU kernels built: {lib}")
     return 0

@@ -14,10 +14,10 @@ with at floor 1 (lmstack.model.quantized), so the engine loads quantized runs.
   awq.py       AWQ's activation-aware per-channel scale search
   calib.py     calibration windows and the block-by-block runner
   quantize.py  quantize_model: the "quant" transform
-  qat.py       quantization-aware training: FakeQuantLinear (STE), prepare_qat, convert_qat
+  qat.py       quantization-aware training: FakeQuantLinear (STE), prepare_qat, QAT (the
+               trainer's model transform), convert_qat
   prune.py     magnitude and 2:4 pruning (the "prune" transform), masks held in recovery finetunes
-  distill.py   DistillObjective: a teacher's logits as the Trainer's target (import it from there;
-               it builds on lmstack.train, which `import lmstack.quant` does not load)
+  (distillation, a teacher's logits as the Trainer's target: lmstack.train.distill)
 """
 from lmstack.model.quantized import IntLinear, NF4Linear, QuantError, QuantLinear
 from lmstack.quant.awq import awq_search
@@ -26,9 +26,9 @@ from lmstack.quant.gptq import gptq_quantize
 from lmstack.quant.nf4 import quantize_nf4
 from lmstack.quant.quantize import quantize_model
 from lmstack.quant.prune import PruneConfig, hold_masks, prune_model
-from lmstack.quant.qat import FakeQuantLinear, convert_qat, prepare_qat
+from lmstack.quant.qat import QAT, FakeQuantLinear, convert_qat, prepare_qat
 from lmstack.quant.rtn import fake_quantize, rtn_quantize
 
 __all__ = ["QuantConfig", "quantize_model", "QuantError", "QuantLinear", "IntLinear", "NF4Linear",
            "rtn_quantize", "fake_quantize", "quantize_nf4", "gptq_quantize", "awq_search",
-           "FakeQuantLinear", "prepare_qat", "convert_qat", "PruneConfig", "prune_model", "hold_masks"]
+           "FakeQuantLinear", "QAT", "prepare_qat", "convert_qat", "PruneConfig", "prune_model", "hold_masks"]

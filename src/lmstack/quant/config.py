@@ -1,6 +1,7 @@
 """QuantConfig: every setting of a weight-only quantization, checked where it is made.
 
     QuantConfig(method="rtn", bits=8)                         # INT8 per output channel
+    QuantConfig(method="rtn", bits=8, act_bits=8)             # W8A8: int8 inputs too (blocks of 32)
     QuantConfig(method="rtn", bits=4, group_size=128)         # INT4, groups of 128 inputs
     QuantConfig(method="nf4")                                 # QLoRA NF4, blocks of 64
     QuantConfig(method="gptq", bits=4, group_size=64, act_order=True)
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmstack.model.quantized import INT_BITS, METHODS, QuantError
+from lmstack.model.quantized import ACT_BITS, INT_BITS, METHODS, QuantError
 
 GROUP_SIZES = (None, 32, 64, 128)
 
@@ -29,6 +30,7 @@ class QuantConfig:
     bits: int | None = None              # 8 or 4 (None: 4 for nf4, else 8)
     group_size: int | None = None        # None = one group per output channel (nf4: block size, default 64)
     symmetric: bool = True               # symmetric grid around 0, or asymmetric with a zero point
+    act_bits: int | None = None          # 8: round each layer's input to int8 too (W8A8; INT8 rtn / gptq)
     targets: str | tuple[str, ...] = "all-linear"   # names for find_linears (the LM head is not in all-linear)
     exclude: tuple[str, ...] = ()        # names to leave in float (e.g. "router")
     # GPTQ (Frantar et al. 2022)
@@ -61,6 +63,11 @@ class QuantConfig:
         if self.group_size not in GROUP_SIZES:
             raise QuantError(f"QuantConfig.group_size={self.group_size!r} is not supported; choose one of "
                              f"{GROUP_SIZES} (None = per output channel)")
+        if self.act_bits not in ACT_BITS:
+            raise QuantError(f"QuantConfig.act_bits={self.act_bits!r} is not supported; choose one of {ACT_BITS}")
+        if self.act_bits is not None and (bits != 8 or self.method not in ("rtn", "gptq")):
+            raise QuantError(f"QuantConfig.act_bits={self.act_bits} (int8 inputs) goes with bits=8 and method 'rtn' "
+                             f"or 'gptq'; got bits={bits}, method={self.method!r}")
         if not isinstance(self.symmetric, bool):
             raise QuantError(f"QuantConfig.symmetric={self.symmetric!r} must be True or False")
         targets = self.targets

@@ -3,7 +3,10 @@
     prepare_qat(model, {"bits": 4, "group_size": 32})       # linears -> FakeQuantLinear, in place
     Trainer(cfg, model, objective, batches).fit()           # any objective, the one Trainer
     convert_qat(model)                                      # -> IntLinear (the "quant" transform)
-    # or as a training option: TrainConfig(..., qat={"bits": 4, "group_size": 32})
+    # or as the trainer's model transform (`lmstack train --qat '{bits: 4}'` passes it):
+    Trainer(cfg, model_transform=QAT({"bits": 4, "group_size": 32})).fit()
+The trainer (floor 3, below quant/) never imports this module: it calls whatever transform it
+is given on the model it built, before making the optimizer.
 
 Forward. A `FakeQuantLinear` keeps the float weight W (the same Parameter, under the same
 state-dict name, so checkpoints, resume and `save_pretrained` are those of the float model)
@@ -150,6 +153,21 @@ def prepare_qat(model: nn.Module, settings: QuantConfig | dict | None = None) ->
     targets = _check_model(model, cfg)
     return replace_linears(model, targets, lambda lin, t: FakeQuantLinear(lin, cfg.bits, cfg.group_size,
                                                                           cfg.symmetric, t.name))
+
+
+class QAT:
+    """The trainer's model transform for QAT: `QAT(settings)(model)` is prepare_qat(model,
+    settings). The settings are checked when it is made, before any training starts."""
+
+    def __init__(self, settings: QuantConfig | dict | None = None):
+        self.config = qat_config(settings)
+
+    def __call__(self, model: nn.Module) -> list[str]:
+        return prepare_qat(model, self.config)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"QAT(bits={c.bits}, group_size={c.group_size}, symmetric={c.symmetric})"
 
 
 @torch.no_grad()

@@ -6,10 +6,11 @@
 
 Every target is checked before anything changes: a group size that does not divide a
 layer's in_features is an error naming the layer (no silent per-layer fallback, so one
-record describes every module), as is quantizing a model that is already quantized or
-carries adapters, or the LM head when it is tied to the token embedding. The transform is
-recorded as {"kind": "quant", "method", "bits", "group_size", "symmetric", "targets",
-"exclude", "modules"}; loading rebuilds the modules from it (model/quantized.py).
+record describes every module), as is quantizing a model that is already quantized, is
+fake-quantized for QAT (convert_qat rounds it) or carries adapters, or the LM head when it is
+tied to the token embedding. The transform is recorded as {"kind": "quant", "method", "bits",
+"group_size", "symmetric", "targets", "exclude", "modules"} (+ "act_bits" when set); loading
+rebuilds the modules from it (model/quantized.py).
 """
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def _check_model(model: nn.Module, cfg: QuantConfig) -> list:
     if done or any(isinstance(m, QuantLinear) for m in model.modules()):
         how = f" (method={done[0].get('method')!r}, bits={done[0].get('bits')})" if done else ""
         raise QuantError(f"the model is already quantized{how}; quantize the float model instead")
+    from lmstack.quant.qat import qat_modules      # (qat.py builds on this module)
+    fake = qat_modules(model)
+    if fake:
+        m = fake[0][1]
+        raise QuantError(f"the model has {len(fake)} fake-quantized (QAT) linear(s), e.g. {fake[0][0]} (int{m.bits}, "
+                         f"group {m.group_size or 'channel'}); round them with convert_qat(model), which quantizes "
+                         f"with the setting they were trained for, rather than quantize_model")
     targets = find_linears(model, cfg.targets, cfg.exclude)
     for t in targets:
         if t.slices is not None:
@@ -47,7 +55,7 @@ def _check_model(model: nn.Module, cfg: QuantConfig) -> list:
 
 
 def _filled(linear: nn.Linear, name: str, cfg: QuantConfig, codes, scale, zero=None, awq_scale=None) -> QuantLinear:
-    m = make_quant_linear(linear, name, cfg.method, cfg.bits, cfg.group_size, cfg.symmetric)
+    m = make_quant_linear(linear, name, cfg.method, cfg.bits, cfg.group_size, cfg.symmetric, cfg.act_bits)
     m.set_codes(codes, scale, zero, awq_scale)
     return m
 
@@ -89,7 +97,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib=None, tokenizer=Non
     targets = _check_model(model, cfg)
     names = [t.name for t in targets]
     for t in targets:  # every layer must fit the setting before any is changed
-        make_quant_linear(model.get_submodule(t.name), t.name, cfg.method, cfg.bits, cfg.group_size, cfg.symmetric)
+        make_quant_linear(model.get_submodule(t.name), t.name, cfg.method, cfg.bits, cfg.group_size, cfg.symmetric,
+                          cfg.act_bits)
     if cfg.needs_calibration:
         windows = calibration_windows(calib, cfg.calib_samples, cfg.calib_seq_len, model.config.vocab_size,
                                       tokenizer, model.config.context_length)
@@ -102,6 +111,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib=None, tokenizer=Non
         targets_rec = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets)
         record_transform(model, {"kind": "quant", "method": cfg.method, "bits": cfg.bits,
                                  "group_size": cfg.group_size, "symmetric": cfg.symmetric,
-                                 "targets": targets_rec, "exclude": list(cfg.exclude), "modules": names})
+                                 "targets": targets_rec, "exclude": list(cfg.exclude), "modules": names,
+                                 **({"act_bits": cfg.act_bits} if cfg.act_bits else {})})
     return names
 

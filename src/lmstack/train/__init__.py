@@ -1,5 +1,6 @@
 """Floor 3: training. The one training loop (trainer.py) and what plugs into it: objectives
-(causal, masked, prefix LM; finetuning and alignment add theirs), batch sources, AdamW +
+(causal, masked, prefix LM; distill.py: a teacher's logits; finetuning and alignment add
+theirs), batch sources, AdamW +
 schedules, checkpoint/resume (also of partly frozen models), and torchrun DDP/FSDP.
 
     from lmstack.train import TrainConfig, Trainer

@@ -51,9 +51,6 @@ class TrainConfig:
                     "(CUDA, with GradScaler)", default="auto")
     compile: bool = _h("torch.compile the model", default=False)
     activation_checkpointing: bool = _h("recompute each block's activations in backward", default=False)
-    qat: dict = _h("quantization-aware training: fake-quantize the linears (straight-through estimator), e.g. "
-                   "{bits: 4, group_size: 32, symmetric: true}; {} = off. Convert with lmstack.quant.convert_qat",
-                   default_factory=dict)
     distributed: str = _h("auto (DDP under torchrun) | none | ddp | zero1 (sharded optimizer state) | zero2 (+ "
                           "gradients) | zero3 = fsdp (+ parameters) | tp (tensor parallel) | pp (pipeline) | tp+dp",
                           default="auto")
@@ -110,6 +107,3 @@ class TrainConfig:
             bad("grad_clip", "must be >= 0 (0 = off)")
         if not isinstance(self.model_overrides, dict):
             bad("model_overrides", "must be a mapping of ModelConfig fields")
-        if self.qat:
-            from lmstack.quant.qat import qat_config   # checks the setting (QuantConfig's rules)
-            qat_config(self.qat)

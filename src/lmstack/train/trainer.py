@@ -8,8 +8,12 @@ objectives and batch sources for it, never a second loop.
 linears), a ModelConfig to build, or None (cfg.model: a preset + overrides, or a model dir).
 `objective`: batch -> (loss, metrics), see objectives.py; None = cfg.objective (pretraining).
 `batches`: next_batch() + state_dict()/load_state_dict(), see batches.py; None = cfg.data's
-token shards. Only parameters with requires_grad get AdamW state (and, under
-cfg.save_weights="trainable", a place in checkpoints).
+token shards. `model_transform`: a callable applied to the built model in place before the
+optimizer is made (and before a resume loads weights into it), that keeps the parameters and
+their names, e.g. `lmstack.quant.QAT({"bits": 4})` for quantization-aware training: the
+trainer knows nothing of what it does (floors above train/ pass such transforms down).
+Only parameters with requires_grad get AdamW state (and, under cfg.save_weights="trainable",
+a place in checkpoints).
 
 One optimizer step = `grad_accum` micro-batches on each rank. Each step: set the lr from the
 schedule -> per micro-batch: next_batch -> objective.prepare -> forward + loss under autocast
@@ -54,7 +58,7 @@ class NonFiniteLossError(LmstackError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model=None, objective=None, batches=None, *, val_batches=None,
-                 on_sample: Callable | None = None):
+                 on_sample: Callable | None = None, model_transform: Callable[[nn.Module], object] | None = None):
         from lmstack.model import ModelConfig
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -63,7 +67,10 @@ class Trainer:
         for what, src in (("batches", batches), ("val_batches", val_batches)):
             if src is not None:
                 check_source(src, what)
+        if model_transform is not None and not callable(model_transform):
+            raise TypeError(f"model_transform must be a callable model -> None, got {type(model_transform).__name__}")
         self.cfg, self.model_arg, self.on_sample = cfg, model, on_sample
+        self.model_transform = model_transform
         self.objective = None if objective is None else as_objective(objective)
         self.batches, self.val_batches = batches, val_batches
         self.out = Path(cfg.out)
@@ -117,9 +124,8 @@ class Trainer:
             ensure_writable_dir(self.out, "choose another --out")
         seed_everything(cfg.seed)       # same init on every rank
         raw, self.objective = build_model(cfg, self.model_arg, self.objective, *self._open_data())
-        if cfg.qat:   # fake-quantized linears keep the float weights' names: the rest of the loop is unchanged
-            from lmstack.quant.qat import prepare_qat
-            prepare_qat(raw, cfg.qat)
+        if self.model_transform is not None:   # e.g. QAT: same parameters and names, so the loop is unchanged
+            self.model_transform(raw)
         self.mcfg = getattr(raw, "config", None)
         self.trainable = trainable_names(raw)
         if not self.trainable:

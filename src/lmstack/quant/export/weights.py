@@ -17,6 +17,11 @@ from lmstack.utils import LmstackError
 
 def check_transforms(model: nn.Module, allowed: tuple[str, ...], what: str) -> list[dict]:
     """The model's transform records; raises if one is not in `allowed` (naming it and the fix)."""
+    from lmstack.quant.qat import qat_modules
+    fake = qat_modules(model)
+    if fake:   # its weights are the latent float ones, not the grid the model was trained to compute on
+        raise LmstackError(f"{what} cannot write a model with fake-quantized (QAT) linears ({fake[0][0]}, ...); round "
+                           f"them first with lmstack.quant.convert_qat(model), or load the saved float run")
     records = get_transforms(model)
     bad = [r["kind"] for r in records if r.get("kind") not in allowed]
     if bad:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lmstack.model import ModelConfig, Transformer
-from lmstack.quant.distill import DistillError, DistillObjective, distill_loss
 from lmstack.train import IGNORE_INDEX, TrainConfig, Trainer
+from lmstack.train.distill import DistillError, DistillObjective, distill_loss
 
 CFG = dict(vocab_size=48, n_head=4, n_kv_head=2, n_embd=64, context_length=64)
 

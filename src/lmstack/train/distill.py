@@ -1,5 +1,7 @@
 """Knowledge distillation (Hinton et al. 2015): train a student to match a teacher's
-next-token distributions, as an objective for the one Trainer.
+next-token distributions, as an objective for the one Trainer. It lives beside the other
+objectives (floor 3, train/) so that compression (quant/), finetuning and the benchmarks' drafts
+can all use it without quant/ importing train/.
 
     obj = DistillObjective(teacher, temperature=2.0, alpha=0.5, tokenizer=tok, teacher_tokenizer=t_tok)
     Trainer(cfg, student, obj, batches).fit()      # any student: smaller, pruned, fake-quantized ...
