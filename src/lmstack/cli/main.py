@@ -20,7 +20,7 @@ from lmstack.utils.errors import LmstackError
 # name -> one-line help, in the order shown by `lmstack --help`. Adding a command: its module
 # lmstack/cli/<name>.py with register(subparsers), and one line here.
 COMMANDS = {
-    "run": "the main job: corpus -> tokenizer -> shards -> pretrain -> evaluate -> sample -> report",
+    "run": "the main job: pretrain -> sft -> dpo -> grpo -> int4 -> measure -> report",
     "data": "build and inspect data directories",
     "tokenizer": "train a BPE tokenizer; visualize tokens",
     "train": "pretrain a model from a recipe and flags.",
