@@ -32,12 +32,12 @@ RTN INT8 per output channel, the LM head included (so both read ~8.5 / ~8 bits p
 the head too), twice: weight-only (float inputs) and W8A8 (act_bits=8: inputs rounded to int8
 in blocks of 128, as llama.cpp rounds activations for its quantized matmuls; integer dot
 products). Same thread count on both sides (--threads). Two figures, each side in its
-default KV cache (ours: float32; llama.cpp: f16), greedy, end-of-text ignored:
+float32 KV cache on both sides, greedy, end-of-text ignored:
   batch-1 decode tokens/s: (N - 1) / (t(N tokens) - t(1 token)) from an 8-token prompt;
   offline throughput: 32 mixed prompts (in 16-256, out 16-128 tokens, seeded; --quick: 16-128,
   16-64 and the first model only) sent at once,
   generated tokens / wall time (prefill included): our LLM.generate (max_num_seqs=32) vs
-  llama.cpp's batched C API (one context, n_seq_max=32; _llamacpp_peer.py).
+  llama.cpp's batched C API (one context, n_seq_max=32; _llamacpp.py, shared with bench_engine.py).
 Repetitions interleave the sides, rotating who goes first; reported: median tokens/s of each
 side and the median over repetitions of ours / llama.cpp.  Goals: offline >= 1.0x, batch-1 >=
 0.5x. On a shared, busy machine use --threads 1: llama.cpp's threads meet at a spin barrier
@@ -258,7 +258,7 @@ def peer_workload(n: int, quick: bool, seed: int = 0) -> tuple[list[list[int]], 
 
 
 def peer_case(overrides: dict, args, tmp: str):
-    from _llamacpp_peer import LlamaCpp   # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+    from _llamacpp import LlamaCpp   # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
     from lmstack.quant.export import export_gguf
     from lmstack.tokenizer import Tokenizer
@@ -284,8 +284,8 @@ def peer_case(overrides: dict, args, tmp: str):
         many = LLM(model, kv_cache_tokens=sum(len(p) + m for p, m in zip(prompts, out_lens)) + 16 * n,
                    max_num_seqs=n, max_num_batched_tokens=2048, enable_prefix_caching=False)
         sides[name] = (lambda ps, ms, llm=one: ours_gen(llm, ps, ms), lambda ps, ms, llm=many: ours_gen(llm, ps, ms))
-    theirs1 = LlamaCpp(path, args.threads, n_seq_max=1, n_ctx=512)
-    theirsN = LlamaCpp(path, args.threads, n_seq_max=n, n_ctx=n * 512)
+    theirs1 = LlamaCpp(path, n_ctx=512, n_seq=1, threads=args.threads)           # f32 KV, as ours
+    theirsN = LlamaCpp(path, n_ctx=n * 512, n_seq=n, threads=args.threads)
     sides["llama.cpp"] = (theirs1.generate, theirsN.generate)
     prompt = list(range(11, 19))
 
