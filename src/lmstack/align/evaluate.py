@@ -10,11 +10,14 @@ model's current weights into it), so what is measured is what the policy samples
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import torch
 
 from lmstack.align.data import collate_pairs
 from lmstack.align.dpo import sequence_logps
-from lmstack.align.rewards import exact_answer
+from lmstack.align.rewards import exact_answer, first_line
 from lmstack.align.rollout import response_logps, rollout_tensors
 from lmstack.utils import autocast
 
@@ -43,13 +46,21 @@ def preference_accuracy(model, pairs, batch_size: int = 32, dtype=torch.float32)
 
 
 def exact_match(engine, records: list[dict], prompt_ids: list[list[int]], samples: int = 0) -> dict:
-    """Greedy completions of every prompt; the share whose first line is the record's answer.
+    """Greedy completions of every prompt; the share whose first line is the record's answer,
+    its binomial standard error, and the share of the 5 most frequent answers (a shortcut check).
     samples > 0: also "exact_match_sampled", the mean over that many samples per prompt at the
     engine's (training) temperature, the distribution RL optimizes."""
     groups = engine.sample(prompt_ids, 1, seed=0, greedy=True)
     hits = [exact_answer(r["prompt"], g[0].text, r["answer"]) for r, g in zip(records, groups)]
     lens = [len(g[0].token_ids) for g in groups]
-    out = {"exact_match": sum(hits) / max(1, len(hits)), "completion_len": sum(lens) / max(1, len(lens))}
+    n = max(1, len(hits))
+    em = sum(hits) / n
+    answers = Counter(first_line(g[0].text) for g in groups)
+    out = {"exact_match": em, "exact_match_se": math.sqrt(em * (1 - em) / n),
+           # the 5 most frequent greedy answers' share: RL that gains by answering a few favourite
+           # numbers everywhere (a shortcut, not skill) shows here as a rising share
+           "top5_answer_share": sum(c for _, c in answers.most_common(5)) / n,
+           "completion_len": sum(lens) / max(1, len(lens))}
     if samples:
         groups = engine.sample(prompt_ids, samples, seed=4242)
         hits = [exact_answer(r["prompt"], c.text, r["answer"]) for r, g in zip(records, groups) for c in g]
