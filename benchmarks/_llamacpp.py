@@ -11,7 +11,7 @@ its `Llama` class: that class decodes one sequence and, without logits_all, keep
 read back. Here each decode call carries prompt chunks or one new token of every running
 sequence (llama.cpp's batched / parallel examples do the same), logits are requested only
 where a token is sampled, and the greedy pick is numpy's argmax over those rows. The KV cache
-is float32 (type_k = type_v = 0), as our engine's; threads as given, for both batch and decode.
+is float32 (type_k = type_v = 0) as our engine's, or f16 (llama.cpp's default) with kv_type; threads as given, for both batch and decode.
 The model is exported with a small byte-level BPE tokenizer (the token list GGUF requires);
 prompts are token ids, so the tokenizer never runs.
 """
@@ -43,7 +43,8 @@ def export_f32(model, folder: Path) -> Path:
 
 
 class LlamaCpp:
-    def __init__(self, path: Path, n_ctx: int, n_seq: int, threads: int, n_batch: int = 2048):
+    def __init__(self, path: Path, n_ctx: int, n_seq: int, threads: int, n_batch: int = 2048,
+                 kv_type: str = "f32"):
         import llama_cpp as lc
         self.lc = lc
         self._quiet = lc.llama_log_callback(lambda level, text, user_data: None)   # kept alive: C holds it
@@ -57,7 +58,7 @@ class LlamaCpp:
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, min(n_batch, 512)
         cp.n_seq_max, cp.kv_unified = n_seq, True
         cp.n_threads = cp.n_threads_batch = threads
-        cp.type_k = cp.type_v = 0                      # GGML_TYPE_F32
+        cp.type_k = cp.type_v = {"f32": 0, "f16": 1}[kv_type]    # GGML_TYPE_F32 / F16 (llama.cpp's default)
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context")

@@ -32,7 +32,7 @@ RTN INT8 per output channel, the LM head included (so both read ~8.5 / ~8 bits p
 the head too), twice: weight-only (float inputs) and W8A8 (act_bits=8: inputs rounded to int8
 in blocks of 128, as llama.cpp rounds activations for its quantized matmuls; integer dot
 products). Same thread count on both sides (--threads). Two figures, each side in its
-float32 KV cache on both sides, greedy, end-of-text ignored:
+float32 KV cache on both sides (--peer-kv f16: llama.cpp's default f16 KV), greedy, end-of-text ignored:
   batch-1 decode tokens/s: (N - 1) / (t(N tokens) - t(1 token)) from an 8-token prompt;
   offline throughput: 32 mixed prompts (in 16-256, out 16-128 tokens, seeded; --quick: 16-128,
   16-64 and the first model only) sent at once,
@@ -284,8 +284,8 @@ def peer_case(overrides: dict, args, tmp: str):
         many = LLM(model, kv_cache_tokens=sum(len(p) + m for p, m in zip(prompts, out_lens)) + 16 * n,
                    max_num_seqs=n, max_num_batched_tokens=2048, enable_prefix_caching=False)
         sides[name] = (lambda ps, ms, llm=one: ours_gen(llm, ps, ms), lambda ps, ms, llm=many: ours_gen(llm, ps, ms))
-    theirs1 = LlamaCpp(path, n_ctx=512, n_seq=1, threads=args.threads)           # f32 KV, as ours
-    theirsN = LlamaCpp(path, n_ctx=n * 512, n_seq=n, threads=args.threads)
+    theirs1 = LlamaCpp(path, n_ctx=512, n_seq=1, threads=args.threads, kv_type=args.peer_kv)
+    theirsN = LlamaCpp(path, n_ctx=n * 512, n_seq=n, threads=args.threads, kv_type=args.peer_kv)
     sides["llama.cpp"] = (theirs1.generate, theirsN.generate)
     prompt = list(range(11, 19))
 
@@ -327,7 +327,8 @@ def bench_peer(args) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     print(f"our INT8 (RTN per channel, LM head too; weight-only and W8A8) vs llama.cpp {llama_cpp.__version__} "
           f"Q8_0 (our export), "
-          f"{args.threads or torch.get_num_threads()} threads each, load average {os.getloadavg()[0]:.1f}; "
+          f"{args.threads or torch.get_num_threads()} threads each, llama.cpp KV {args.peer_kv}, "
+          f"load average {os.getloadavg()[0]:.1f}; "
           f"kernels: {'built' if kernels.available() else kernels.unavailable_reason()}")
     args.threads = args.threads or torch.get_num_threads()
     goals = {"batch-1": 0.5, "offline": 1.0}
@@ -356,6 +357,8 @@ def main(argv=None) -> int:
     p.add_argument("--fallback", action="store_true", help="decode: also INT8/INT4 on the PyTorch path")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--peer", action="store_true", help="our INT8 vs llama.cpp Q8_0: batch-1 and offline")
+    p.add_argument("--peer-kv", choices=("f32", "f16"), default="f32",
+                   help="llama.cpp's KV-cache type for --peer (ours is float32; f16 is llama.cpp's default)")
     p.add_argument("--num-prompts", type=int, default=32, help="--peer: offline prompts")
     args = p.parse_args(argv)
     if args.threads:

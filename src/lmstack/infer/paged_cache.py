@@ -100,6 +100,8 @@ class PagedKVCache:
         self.read_slots: Tensor | None = None   # (B, S) slot of each key/value a row may see
         self.read_pos: Tensor | None = None     # (B, S) its position; -1 = padding
         self.read_flat: Tensor | None = None    # read_slots flattened to (B*S,)
+        self._rope_in: Tensor | None = None     # attend(): the last cos seen, and (cos, sin) squeezed
+        self._rope: tuple[Tensor, Tensor] | None = None
 
     @staticmethod
     def bytes_per_token(n_layer: int, n_kv_head: int, head_dim: int, dtype: torch.dtype,
@@ -158,8 +160,10 @@ class PagedKVCache:
         if (self.tables is None or self.quantized or T > FUSED_MAX_T or q.dtype != torch.float32
                 or self.k.dtype != torch.float32 or q.device.type != "cpu" or not kernels.available()):
             return None
-        if cos is not None:
-            cos, sin = cos.squeeze(1), sin.squeeze(1)                                   # (B, T, rot)
+        if cos is not None:   # (B, T, rot): every layer gets the same tables, squeezed once a forward
+            if self._rope_in is not cos:
+                self._rope_in, self._rope = cos, (cos.squeeze(1), sin.squeeze(1))
+            cos, sin = self._rope
         out = kernels.paged_attention_step(q, k, v, self.k[layer_idx], self.v[layer_idx], self.tables, positions,
                                            cos, sin, self.block_size, scale, window)      # (B, T, H, D)
         return out.view(B, T, H * D)

@@ -32,7 +32,7 @@ import torch
 from lmstack.infer.detokenizer import Detokenizer
 from lmstack.infer.outputs import Logprob, VocabLogprobs
 from lmstack.infer.request import RequestState
-from lmstack.infer.sampler import make_generator, sample, token_logprobs
+from lmstack.infer.sampler import argmax_only, make_generator, sample, token_logprobs
 from lmstack.infer.scheduler import Scheduler, SchedulerOutput
 from lmstack.infer.sequence import Sequence
 
@@ -118,6 +118,14 @@ class Postprocessor:
     def _sample(self, pairs: list[tuple[Sequence, int]], logits: torch.Tensor,
                 requests: dict[str, RequestState]) -> None:
         seqs = [s for s, _ in pairs]
+        if all(argmax_only(s.sampling_params, s.num_output_tokens) for s in seqs):   # plain greedy batch
+            idx = [i for _, i in pairs]
+            rows = logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx, device=logits.device)]
+            for seq, token in zip(seqs, rows.argmax(dim=-1).tolist()):
+                if not seq.is_finished:
+                    self._guard(requests[seq.request_id], self._append, requests[seq.request_id], seq, token,
+                                None, None)
+            return
         try:
             out = sample(logits[torch.tensor([i for _, i in pairs], device=logits.device)],
                          [s.sampling_params for s in seqs], [s.generator for s in seqs],

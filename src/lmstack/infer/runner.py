@@ -18,6 +18,9 @@ padded to a 500-token prefill chunk, nor a 20-token context to a 2000-token one.
 step is a group or two of decodes plus one of prefill chunks. All index arithmetic is
 vectorised once per group; per layer, rows of a few tokens take the fused paged-attention
 kernel (`PagedKVCache.attend`), longer ones `PagedKVCache.update`: two scatters and two gathers.
+A group of plain decode rows (one token, one logit each) skips the padding arithmetic: its
+bindings are a few ints per row, computed in Python and sent as two tensors (`_decode_forward`;
+at batch 1 on a tiny model the step is mostly such per-op overhead, issue 20).
 """
 from __future__ import annotations
 
@@ -114,9 +117,15 @@ class ModelRunner:
         parts = [t for _, t in out if t.shape[0]]
         if not parts:
             return torch.empty(0, 0)
-        return torch.cat(parts).float()
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).float()
 
     def _forward(self, rows: list[RunnerRow]) -> Tensor:
+        if all(len(r.token_ids) == 1 and r.num_logits == 1 for r in rows):
+            return self._decode_forward(rows)
+        return self._general_forward(rows)
+
+    def _general_forward(self, rows: list[RunnerRow]) -> Tensor:
+        """Any rows: padded to (B, T), index tensors built vectorised."""
         dev, bs = self.device, self.block_size
         lens = [len(r.token_ids) for r in rows]
         T = max(lens)
@@ -149,13 +158,37 @@ class ModelRunner:
         with self.lora.rows([r.lora_id for r in rows], T, dev):
             return self._logits_at(ids, positions, pick)
 
-    def _logits_at(self, ids: Tensor, positions: Tensor, pick: Tensor) -> Tensor:
-        """Logits (len(pick), V) at flat positions `pick` of the (B, T) batch.
+    def _decode_forward(self, rows: list[RunnerRow]) -> Tensor:
+        """_forward for rows of one token each, all wanting logits (plain decode): the same
+        bindings, computed in Python from the few ints and built as two tensors instead of the
+        ~15 small index ops of the general path. Logits (B, V) in row order."""
+        dev, bs, B = self.device, self.block_size, len(rows)
+        pos = [r.start_pos for r in rows]
+        slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, pos)]
+        # [ids | positions | write slots | context lengths], sliced into views (B,) each
+        flat = torch.tensor([r.token_ids[0] for r in rows] + pos + slots + [p + 1 for p in pos],
+                            dtype=torch.long, device=dev)
+        ids, positions, write_slots, context_lens = flat.view(4, B)
+        n_blk = max(len(r.block_table) for r in rows)
+        tables = torch.tensor([r.block_table + [0] * (n_blk - len(r.block_table)) for r in rows],
+                              dtype=torch.long, device=dev)                              # (B, n_blk)
+        self.cache.bind_tables(None, write_slots, tables, context_lens)
+        ids, positions = ids.view(B, 1), positions.view(B, 1)
+        if self.lora is None:
+            return self._logits_at(ids, positions, None)
+        with self.lora.rows([r.lora_id for r in rows], 1, dev):
+            return self._logits_at(ids, positions, None)
+
+    def _logits_at(self, ids: Tensor, positions: Tensor, pick: Tensor | None) -> Tensor:
+        """Logits (len(pick), V) at flat positions `pick` of the (B, T) batch (None: all B*T).
 
         Our Transformer takes `logits_indices` and runs its LM head only on the picked
         positions: for a 32k vocab the head over a whole prefill chunk costs more than all the
         blocks. Any other module following the protocol is called whole and its logits indexed."""
         m = self.model
+        if pick is None:
+            logits = m(ids, positions=positions, cache=self.cache)                      # (B, T, V)
+            return logits.reshape(-1, logits.shape[-1])
         if isinstance(m, Transformer):
             return m(ids, positions=positions, cache=self.cache, logits_indices=pick)   # (N, V)
         logits = m(ids, positions=positions, cache=self.cache)                          # (B, T, V)
