@@ -99,3 +99,48 @@ def test_short_sft_raises_held_out_exact_match(tmp_path):
     best = max(gains, key=gains.get)
     assert gains[best] >= 0.25, (before, after)
     assert after[best]["accuracy"] > after[best]["chance"], after[best]
+
+
+def test_known_facts_train_like_the_unseen_ones_and_answer_in_tinyworlds_qa_form():
+    """As many known-entity questions as invented ones, in the same question forms (names blanked),
+    each answered with the world's true object in the statement its answer prefix starts."""
+    from lmstack.data.tinyworld_world import QUESTIONS
+    from lmstack.finetune.instruct import answer_start
+    d = tinyworld_chats(TinyWorldChats(seed=0, size_mb=0.2, tasks=("facts", "unseen"), per_task=100,
+                                       probes_per_task=5))
+    known = [r["messages"] for r in d.train if r["task"] == "facts"]
+    unseen = [r["messages"] for r in d.train if r["task"] == "unseen"]
+    assert len(known) == len(unseen) == 100
+    shape = lambda q: re.sub(r"[A-Z][a-z]+", "X", q)  # noqa: E731
+    assert {shape(m[0]["content"]) for m in known} == {shape(m[0]["content"]) for m in unseen}
+    world = generate(TinyWorldConfig(seed=0, size_mb=0.2)).world
+    truth = {QUESTIONS[r][0].format(s=s): (QUESTIONS[r][1].format(s=s), o) for r, s, o in world.facts()}
+    for user, assistant in known:
+        prefix, obj = truth[user["content"]]
+        assert assistant["content"] == f"{prefix} {obj}"
+    for p in d.probes["facts"]:      # asked with the answer prefix, as tinyworld's plain probes are
+        assert (answer_start("facts", p.prompt), p.answer) == truth[p.prompt]
+    assert answer_start("grounded", "Context: [1] Bolo lives in Tinar.\nwhere does Bolo live?") == "Bolo lives in"
+    assert answer_start("upper", "what is Bolo's job?") == ""
+
+
+def test_grounded_chats_are_the_retrieval_prompt_with_an_answer_copied_from_a_chunk():
+    """The user turn is lmstack.rag's grounded prompt (render_prompt of the listed chunks) as a
+    chat question; the statement answered is in one of the chunks; the entities are invented."""
+    from lmstack.finetune.instruct import GROUNDED_CHUNKS, grounded_chats
+    from lmstack.rag.chunking import Chunk
+    from lmstack.rag.grounded import render_prompt
+    from lmstack.rag.retrieve import Hit
+    corpus = generate(TinyWorldConfig(seed=0, size_mb=0.2))
+    taken = corpus.world.names() | {d["title"] for d in corpus.kb_docs}
+    chats = grounded_chats(0, taken, 60)
+    assert len(chats) == 60
+    for user, answer in chats.items():
+        context, q = user.split("\n")
+        texts = re.split(r" ?\[\d+\] ", context.removeprefix("Context:"))[1:]
+        assert len(texts) == GROUNDED_CHUNKS
+        hits = [Hit(Chunk(f"d{i}#0", f"d{i}", 0, len(t), t), 1.0, i, i) for i, t in enumerate(texts, 1)]
+        assert question(render_prompt(q, hits)) == user
+        assert any(answer in t for t in texts), (answer, texts)
+    names = set(re.findall(r"[A-Z][a-z]+", " ".join(chats))) - {"Context"}
+    assert names and not names & taken and not names & set(re.findall(r"[A-Za-z]+", " ".join(corpus.docs)))

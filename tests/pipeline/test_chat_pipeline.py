@@ -53,7 +53,7 @@ def _plain_greedy(model, ids: list[int], stop: int, n: int = 8) -> list[int]:
 def test_measure_matches_plain_torch(micro_run):
     """The arithmetic completions are a plain greedy loop's; the preference margin is the mean of
     summed response log-probs, chosen minus rejected, computed here with log_softmax."""
-    from lmstack.align.data import tokenize_pairs
+    from lmstack.align.data import tinyworld_pairs, tokenize_pairs
     from lmstack.model import Transformer
     from lmstack.pipeline.measure import heldout_sets
     from lmstack.tokenizer import Tokenizer
@@ -71,7 +71,10 @@ def test_measure_matches_plain_torch(micro_run):
         assert ex["completion"] == tok.decode(ref).split("\n")[0] or ex["completion"] == tok.decode(ref)
 
     opts = RunOptions(**{k: v for k, v in json.loads((run_dir / "summary.json").read_text())["recipe"].items()})
-    pairs = tokenize_pairs(tok, heldout_sets(opts)["pairs"], "chat", model.config.context_length)
+    sets = heldout_sets(opts)
+    dpo_pairs = tinyworld_pairs(seed=0, n=40, heldout=True, tasks=tuple(opts.dpo_config["tasks"]))
+    assert {p["task"] for p in sets["pairs"]} <= {p["task"] for p in dpo_pairs}     # the kind DPO trains on
+    pairs = tokenize_pairs(tok, sets["pairs"], "chat", model.config.context_length)
     margins = []
     with torch.no_grad():
         for p in pairs:
@@ -83,6 +86,33 @@ def test_measure_matches_plain_torch(micro_run):
             margins.append(lp[0] - lp[1])
     assert row["pref_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-3)
     assert row["pref_acc"] == pytest.approx(sum(x > 0 for x in margins) / len(margins))
+
+
+def test_rag_asks_the_final_chat_model_its_question_with_the_answer_prefix(micro_run):
+    """The rag stage's answers come from the final (quantized) chat model, asked each grounded
+    prompt as a user turn with the assistant turn started by the answer prefix: a plain greedy
+    loop over those ids gives the same completion."""
+    from lmstack.infer import LLM, SamplingParams
+    from lmstack.pipeline.measure import ChatAsker, load_chat_model
+    from lmstack.rag import BM25Retriever, Index, tinyworld_kb
+    from lmstack.rag.grounded import render_prompt
+    from lmstack.tokenizer import Tokenizer
+    run_dir, _ = micro_run
+    rag = json.loads((run_dir / "rag.json").read_text())
+    assert rag["model"] == str(run_dir / "quantized")
+    model, chat, end = load_chat_model(run_dir / "quantized", "cpu")
+    docs, questions = tinyworld_kb(0)
+    retriever = BM25Retriever(Index.build([(d["id"], d["text"]) for d in docs],
+                                          Tokenizer.load(run_dir / "quantized" / "tokenizer.json")))
+    asker = ChatAsker(LLM(model=model, tokenizer=chat, device="cpu"), chat, end)
+    for q in questions[:2]:
+        prompt = render_prompt(q["prompt"], retriever.search(q["prompt"], 3))
+        out = asker.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))[0].outputs[0]
+        head, _, last = prompt.rpartition("\nQ: ")
+        user, prefix = last.split("\nA: ")
+        ids = list(chat.render_chat([{"role": "user", "content": f"{head}\n{user}"}], True)[0]) + \
+            list(chat.encode_ordinary(prefix))
+        assert out.token_ids == [t for t in _plain_greedy(model, ids, end, 6) if t != end]
 
 
 def test_effect_verdicts():

@@ -4,15 +4,19 @@ measure: for each model of the run (pretrained or imported, sft, dpo, grpo, quan
 through the engine and the model's chat template, on sets none of them trained on:
     instruction_em      exact match on tinyworld's instruction tasks (mean over tasks)
     abstain_unseen      "I don't know." on questions about entities never seen (tinyworld's KB)
-    known_acc, abstain_known   accuracy on facts about known entities, and how often it abstains there
-    pref_acc            held-out preference pairs whose chosen answer gets the higher log-prob
+    known_acc, abstain_known   accuracy on facts about known entities (the assistant turn started
+                        with the answer prefix, as the base model's plain probes are), and how often it
+                        abstains there when asked without it
+    pref_acc            held-out preference pairs of the DPO stage's tasks whose chosen answer gets
+                        the higher log-prob
     arith_em            held-out arithmetic (GRPO's task and prompts: the chat question), exact answer
 and, for the quantized model against the model it was made from, the file size and the decode
 speed (tokens/s, the same greedy workload on both, alternated, best of rounds). Written to
 RUN/measure.json; `effects` turns two rows into each stage's measured effect for the report.
 
-rag: the base model (plain text, tinyworld's "Context: ... Q: ... A:" reading format) answers the
-knowledge base's questions closed-book and with BM25 retrieval (lmstack.rag.evaluate_rag).
+rag: the final model answers the knowledge base's questions closed-book and with BM25 retrieval
+(lmstack.rag.evaluate_rag), each grounded prompt asked as one user turn of its chat template
+(`ChatAsker`): the format SFT's "grounded" chats teach (lmstack.finetune.instruct).
 """
 from __future__ import annotations
 
@@ -42,13 +46,19 @@ def _world(o: RunOptions) -> int:
     return o.seed if o.corpus == "tinyworld" else 0
 
 
+def pair_tasks(o: RunOptions) -> tuple[str, ...]:
+    """The preference pairs measured: the kind the DPO stage trains on (its held-out ones)."""
+    return tuple(o.dpo_config.get("tasks") or ("arithmetic", "instruction"))
+
+
 def heldout_sets(o: RunOptions) -> dict:
     """The sets every model is measured on (the same for all: drawn from the seed alone)."""
     from lmstack.align.data import tinyworld_pairs, tinyworld_prompts
     from lmstack.finetune.instruct import TinyWorldChats, tinyworld_chats
     chats = tinyworld_chats(TinyWorldChats(seed=_world(o), size_mb=0.2, per_task=1, probes_per_task=o.measure_probes))
-    return {"probes": chats.probes,
-            "pairs": tinyworld_pairs(seed=_world(o), n=o.measure_pairs, heldout=True) if o.measure_pairs else [],
+    pairs = tinyworld_pairs(seed=_world(o), n=o.measure_pairs, heldout=True, tasks=pair_tasks(o)) \
+        if o.measure_pairs else []
+    return {"probes": chats.probes, "pairs": pairs,
             "arith": tinyworld_prompts(seed=_world(o), n=o.measure_arith, heldout=True) if o.measure_arith else []}
 
 
@@ -226,21 +236,45 @@ def effects(chain: list[str], rows: dict) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- rag
+class ChatAsker:
+    """lmstack.rag's view of an engine (generate(prompts, params), .engine, .tokenizer) over a chat
+    model: each grounded prompt 'Context: [1] ...\\nQ: where does Bolo live?\\nA: Bolo lives in' is
+    asked as the user turn 'Context: [1] ...\\nwhere does Bolo live?' (finetune.instruct.question)
+    with the assistant turn started by the prompt's answer prefix 'Bolo lives in' (SFT answers fact
+    questions with that statement), so the completion is the answer alone; it stops at the end of
+    the turn."""
+
+    def __init__(self, llm, chat, end_id: int):
+        self.llm, self.chat, self.end_id = llm, chat, end_id
+        self.engine, self.tokenizer = llm.engine, llm.tokenizer
+
+    def generate(self, prompts: list[str], params):
+        import dataclasses
+
+        from lmstack.finetune.instruct import answer_prefix, question
+        ids = []
+        for p in prompts:
+            turn = self.chat.render_chat([{"role": "user", "content": question(p)}], add_generation_prompt=True)[0]
+            ids.append(list(turn) + list(self.chat.encode_ordinary(answer_prefix(p))))
+        stops = list(params.stop_token_ids or []) + [self.end_id]
+        return self.llm.generate(ids, dataclasses.replace(params, stop_token_ids=stops))
+
+
 def rag(run: Run) -> dict:
     from lmstack.infer import LLM
     from lmstack.rag import BM25Retriever, Index, evaluate_rag, tinyworld_kb
     from lmstack.tokenizer import Tokenizer
     o = run.opts
-    base = model_dir(run, model_chain(o)[0])
+    folder = model_dir(run, model_chain(o)[-1])
     docs, questions = tinyworld_kb(_world(o))
     questions = questions[:o.rag_questions]
-    tok = Tokenizer.load(base / "tokenizer.json")
-    index = Index.build([(d["id"], d["text"]) for d in docs], tok)
-    llm = LLM(str(base), device=o.device)
+    index = Index.build([(d["id"], d["text"]) for d in docs], Tokenizer.load(folder / "tokenizer.json"))
+    model, chat, end_id = load_chat_model(folder, o.device)
+    llm = ChatAsker(LLM(model=model, tokenizer=chat, device=o.device, max_num_seqs=32), chat, end_id)
     closed = evaluate_rag(llm, None, questions)
     with_rag = evaluate_rag(llm, BM25Retriever(index), questions, k=3)
     text, _ = verdict(closed["accuracy"], with_rag["accuracy"], closed["n"], with_rag["n"])
-    atomic_write_json(run.dir / "rag.json", {"model": str(base), "closed_book": closed, "bm25_top3": with_rag,
+    atomic_write_json(run.dir / "rag.json", {"model": str(folder), "closed_book": closed, "bm25_top3": with_rag,
                                              "verdict": "retrieval " + text})
     return {"questions": len(questions), "closed_book_acc": closed["accuracy"], "rag_acc": with_rag["accuracy"],
             "recall@3": with_rag.get("recall@3"), "citation_precision": with_rag.get("citation_precision")}

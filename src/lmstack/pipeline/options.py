@@ -41,11 +41,11 @@ TRAIN_KEYS = ("model", "model_config", "max_steps", "batch_size", "seq_len", "lr
 
 # The chat stages' defaults, sized with pretraining to fit the whole run in the time budget (the
 # figures measured with them are in the report and the README).
-DEFAULT_SFT = {"method": "full", "max_steps": 120, "batch_size": 8, "seq_len": 256, "lr": 1e-3, "warmup_steps": 10,
+DEFAULT_SFT = {"method": "full", "max_steps": 120, "batch_size": 8, "seq_len": 256, "lr": 5e-4, "warmup_steps": 10,
                "weight_decay": 0.1, "per_task": 300, "tinyworld_mb": 0.5, "eval_every": 0, "ckpt_every": 40}
-DEFAULT_DPO = {"tasks": ["arithmetic", "instruction"], "n_train": 600, "n_eval": 100, "beta": 0.1, "max_steps": 30,
+DEFAULT_DPO = {"tasks": ["instruction"], "n_train": 960, "n_eval": 100, "beta": 0.1, "max_steps": 60,
                "batch_size": 16, "lr": 5e-5, "eval_every": 0}
-DEFAULT_GRPO = {"tasks": ["arithmetic"], "group_size": 8, "prompts_per_rollout": 8, "max_completion_len": 8,
+DEFAULT_GRPO = {"tasks": ["arithmetic"], "group_size": 16, "prompts_per_rollout": 4, "max_completion_len": 8,
                 "n_train": 500, "n_eval": 50, "batch_size": 32, "grad_accum": 2, "max_steps": 20, "lr": 2e-5,
                 "eval_every": 0}
 DEFAULT_QUANT = {"method": "gptq", "bits": 4, "group_size": 64, "calib_samples": 16, "calib_seq_len": 128}

@@ -57,7 +57,7 @@ def chat_sections(run: Run) -> tuple[list, list]:
     rag = _read(run.dir / "rag.json") if "rag" in run.records else None
     if rag:
         c, b = rag["closed_book"], rag["bm25_top3"]
-        tables.append(("Retrieval: knowledge-base questions", "The base model answers questions about entities "
+        tables.append(("Retrieval: knowledge-base questions", "The final model answers questions about entities "
                        "it never saw in training, alone and with the top 3 BM25 chunks of the knowledge base: "
                        + rag.get("verdict", "") + ".",
                        ["", "accuracy", "recall@3", "citation precision", "n"],

@@ -23,7 +23,7 @@ from lmstack.pipeline.options import RunOptions, check_nested
 from lmstack.utils import LmstackError, atomic_write_json, atomic_write_text, ensure_writable_dir
 
 # Bump when a stage's outputs change meaning, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass

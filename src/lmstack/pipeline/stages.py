@@ -14,7 +14,7 @@ from lmstack.pipeline.chat_stages import (dpo, estimate_dpo, estimate_export, es
                                           estimate_sft, export, export_outputs, grpo, import_base, model_dir,
                                           quantize, sft)
 from lmstack.pipeline.data import build_corpus_dir, train_tokenizer, write_token_shards
-from lmstack.pipeline.measure import estimate_measure, estimate_rag, measure, rag
+from lmstack.pipeline.measure import estimate_measure, estimate_rag, measure, pair_tasks, rag
 from lmstack.pipeline.options import model_chain, model_input, train_config_for
 from lmstack.pipeline.report_chat import chat_sections
 from lmstack.pipeline.runner import Run, Stage, clear_outputs
@@ -318,10 +318,12 @@ STAGES: list[Stage] = [
     Stage("measure", "every stage's model on the same held-out sets; size and speed of the quantized model",
           lambda o: tuple(model_chain(o)),
           lambda o: {"probes": o.measure_probes, "pairs": o.measure_pairs, "arith": o.measure_arith,
-                     "world": o.seed if o.corpus == "tinyworld" else 0},
+                     "pair_tasks": list(pair_tasks(o)), "world": o.seed if o.corpus == "tinyworld" else 0},
           measure, lambda r: [r.dir / "measure.json"], estimate=estimate_measure),
-    Stage("rag", "knowledge-base questions closed-book vs with retrieval (BM25)", lambda o: (model_chain(o)[0],),
-          lambda o: {"questions": o.rag_questions, "world": o.seed if o.corpus == "tinyworld" else 0}, rag,
+    Stage("rag", "knowledge-base questions closed-book vs with retrieval (BM25), asked of the final chat model",
+          lambda o: (model_chain(o)[-1],),
+          lambda o: {"questions": o.rag_questions, "asked": "chat",
+                     "world": o.seed if o.corpus == "tinyworld" else 0}, rag,
           lambda r: [r.dir / "rag.json"], estimate=estimate_rag),
     Stage("export", "write the final model as GGUF and as a Hugging Face folder", lambda o: (model_chain(o)[-1],),
           lambda o: {"formats": o.export_formats, "gguf_type": o.gguf_type}, export, export_outputs,
