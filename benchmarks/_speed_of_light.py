@@ -1,13 +1,16 @@
 """The CPU's limits and how close the engine's linears come to them (bench_engine.py prints it).
 
-    copy_rate()            GB/s of a large float32 copy (bytes read + written): the memory bound
+    copy_rate()            GB/s of a large float32 copy (bytes read + written)
+    read_rate()            GB/s of a large float32 sum (bytes read only): the bound of a GEMV,
+                           which streams its weight and writes almost nothing
     gemm_rate()            GFLOP/s of a 1024^3 float32 matmul (MKL): the compute bound
     linear_rates(model)    the model's nn.Linear layers as the engine runs them (infer/fast_linear.py)
                            at 1 row (decode: GB/s of weight) and 256 rows (prefill: GFLOP/s),
                            and F.linear (MKL) at 1 row beside them
 
 At batch-1 decode a linear reads each weight once for 2 flops: bandwidth-bound, so its GB/s
-against the copy rate is the distance to the limit. A small model's weights fit the caches and
+against the read rate is the distance to the limit (a copy also writes, so a pure read stream
+can beat the copy rate; both are printed). A small model's weights fit the caches and
 can beat the DRAM copy rate; the big model's do not.
 """
 from __future__ import annotations
@@ -36,6 +39,11 @@ def copy_rate(mb: int = 256) -> float:
     return 2 * a.nbytes / _best(lambda: b.copy_(a)) / 1e9
 
 
+def read_rate(mb: int = 256) -> float:
+    a = torch.ones(mb << 18)                 # mb MiB of float32
+    return a.nbytes / _best(lambda: a.sum()) / 1e9
+
+
 def gemm_rate(n: int = 1024) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n ** 3 / _best(lambda: a @ b) / 1e9
@@ -59,11 +67,12 @@ def linear_rates(model: nn.Module, fast) -> dict:
     return out
 
 
-def report(model: nn.Module, fast, label: str, copy_gbs: float, gemm_gflops: float) -> str:
+def report(model: nn.Module, fast, label: str, copy_gbs: float, gemm_gflops: float, read_gbs: float) -> str:
     r = linear_rates(model, fast)
     (gb1, _, ms1), (_, gf256, _), (mkl_gb, _, mkl_ms) = r[1], r[256], r["mkl_1"]
     return (f"speed of light, {label}: {r['n_linears']} linears, {r['weights_mb']:.1f} MB of float32 weights. "
-            f"Decode (1 row): {ms1:.2f} ms a token, {gb1:.1f} GB/s = {gb1 / copy_gbs:.0%} of the copy rate "
-            f"{copy_gbs:.1f} GB/s (F.linear/MKL: {mkl_ms:.2f} ms, {mkl_gb:.1f} GB/s; ours {mkl_ms / ms1:.2f}x it). "
+            f"Decode (1 row): {ms1:.2f} ms a token, {gb1:.1f} GB/s = {gb1 / read_gbs:.0%} of the read rate "
+            f"{read_gbs:.1f} GB/s ({gb1 / copy_gbs:.0%} of the copy rate {copy_gbs:.1f} GB/s; F.linear/MKL: "
+            f"{mkl_ms:.2f} ms, {mkl_gb:.1f} GB/s; ours {mkl_ms / ms1:.2f}x it). "
             f"Prefill (256 rows): {gf256:.1f} GFLOP/s = {gf256 / gemm_gflops:.0%} of the GEMM rate "
             f"{gemm_gflops:.1f} GFLOP/s")

@@ -34,9 +34,9 @@ initialised HF `LlamaForCausalLM`, saved to a temp dir and imported by `LLM(dir)
    against llama.cpp's batched decode (every running sequence in one llama_decode), goal >= 1.5x.
    Each is run on both models (--only 6,7 -> both; the larger model adds a minute or two).
 
-Every run also prints the speed of light (_speed_of_light.py): this CPU's measured copy rate
-and GEMM rate, and the GB/s (decode) and GFLOP/s (prefill) the engine's linears reach against
-them, with F.linear (MKL) beside ours at one row.
+Every run also prints the speed of light (_speed_of_light.py): this CPU's measured read, copy
+and GEMM rates, and the GB/s (decode, against the read rate) and GFLOP/s (prefill) the engine's
+linears reach against them, with F.linear (MKL) beside ours at one row.
 
 With --ceiling, benchmark 1 is also run with attention reading no KV cache: the ratio that
 would remain if reading the cache cost nothing, i.e. what any attention kernel could reach.
@@ -315,10 +315,10 @@ def profile_engine(path, workload):
 
 
 def speed_of_light(path: str, label: str, args) -> None:
-    """Print the CPU's copy and GEMM rates (measured once) and the engine's linears against them."""
+    """Print the CPU's copy, GEMM and read rates (measured once) and the engine's linears against them."""
     import _speed_of_light as sol
     if not hasattr(args, "rates"):
-        args.rates = (sol.copy_rate(), sol.gemm_rate())
+        args.rates = (sol.copy_rate(), sol.gemm_rate(), sol.read_rate())
     llm = LLM(path, device="cpu", dtype=torch.float32, kv_cache_tokens=2048)
     print(sol.report(llm.engine.model, llm.engine.runner.fast_linears, label, *args.rates), flush=True)
 
