@@ -103,14 +103,6 @@ def _examples(n: int, seed: int, T: int = 64):
     return x, mask, y
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread than on two that contend for a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_classifier_learns_which_instruction_task(one_thread):
     """9 tasks (chance 11%): a one-layer encoder finetuned for 80 steps classifies held-out

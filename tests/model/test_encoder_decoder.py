@@ -202,14 +202,6 @@ def _instruction_pairs(n: int, seed: int, S: int = 48, T: int = 16):
     return x, mask, y
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread than on two that contend for a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 STEPS = 100
 

@@ -27,13 +27,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog 1234 times.\n  Ünïcödé 
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two spin-waiting threads on a shared 2-core
-    machine made them ~10x slower); restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one thread (tests/conftest.py)."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,11 +17,8 @@ NAMES = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", 
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one thread (tests/conftest.py)."""
 
 
 def tiny(seed=0, **kw):

@@ -18,12 +18,8 @@ CFG = dict(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, context_l
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two spin-wait for each other on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one thread (tests/conftest.py)."""
 
 
 def tiny(seed=0, **kw):

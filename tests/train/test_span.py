@@ -63,14 +63,6 @@ def test_errors_name_the_field():
         few.prepare((torch.full((1, 16), 107),) * 2, torch.Generator())
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread than on two that contend for a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_trainer_trains_an_encoder_decoder_with_span_corruption(tmp_path, one_thread):
     from lmstack.model import EncoderDecoder, from_pretrained

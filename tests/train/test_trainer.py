@@ -123,14 +123,6 @@ def test_samples_are_called_and_do_not_change_training(tmp_path):
     assert {"step": 4, "split": "sample", "text": "sample at 4"} in recs
 
 
-@pytest.fixture
-def one_thread():
-    """Small models on a shared 2-core machine: one thread is faster and steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("objective,mask,steps", [("masked", "bidirectional", 150), ("prefix", "prefix", 50)])
 def test_other_objectives_learn_from_context(tmp_path, objective, mask, steps, one_thread):

@@ -31,20 +31,9 @@ from torch import Tensor, nn
 from lmstack.model.attention import Attention
 from lmstack.model.layers import MLP, RMSNorm
 from lmstack.utils import LmstackError
+from lmstack.utils.hooks import HookHandles
 
 LESIONS = ("swap_qk", "swap_kv", "zero_q", "zero_k", "zero_v")
-
-
-class Hooks:
-    """The hook handles of one lesion; `remove()` takes them all out."""
-
-    def __init__(self, handles: list):
-        self.handles = handles
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 def _rewire(kind: str, H: int, KV: int, D: int):
@@ -64,7 +53,7 @@ def _rewire(kind: str, H: int, KV: int, D: int):
     return hook
 
 
-def lesion_qkv(model: nn.Module, kind: str) -> Hooks:
+def lesion_qkv(model: nn.Module, kind: str) -> HookHandles:
     """Apply lesion `kind` (one of LESIONS) to every self-attention of `model`."""
     if kind not in LESIONS:
         raise LmstackError(f"unknown lesion {kind!r}; valid: {', '.join(LESIONS)}")
@@ -77,7 +66,7 @@ def lesion_qkv(model: nn.Module, kind: str) -> Hooks:
             raise LmstackError(f"swap_qk needs as many key heads as query heads; this model has n_head={a.n_head}, "
                                f"n_kv_head={a.n_kv_head}")
         handles.append(a.qkv.register_forward_hook(_rewire(kind, a.n_head, a.n_kv_head, a.head_dim)))
-    return Hooks(handles)
+    return HookHandles(handles)
 
 
 def strip_norms(model: nn.Module) -> int:

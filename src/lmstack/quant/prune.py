@@ -39,6 +39,7 @@ from lmstack.model.pruned import PRUNE_METHODS, PruneError
 from lmstack.model.quantized import QuantLinear
 from lmstack.model.replace import find_linears
 from lmstack.model.transforms import get_transforms, record_transform
+from lmstack.utils.hooks import HookHandles
 
 
 @dataclass(frozen=True)
@@ -134,19 +135,7 @@ def pruning_masks(model: nn.Module) -> dict[str, Tensor]:
     return {n: model.get_submodule(n).weight.detach() != 0 for n in dict.fromkeys(names) if n in found}
 
 
-class MaskHold:
-    """The gradient hooks hold_masks installed; remove() takes them off."""
-
-    def __init__(self, handles: list):
-        self.handles = handles
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def hold_masks(model: nn.Module, masks: dict[str, Tensor] | None = None) -> MaskHold:
+def hold_masks(model: nn.Module, masks: dict[str, Tensor] | None = None) -> HookHandles:
     """Keep pruned weights at 0 while training: zero their gradients (see the module
     docstring). `masks`: what prune_model returned (default: pruning_masks(model))."""
     masks = pruning_masks(model) if masks is None else masks
@@ -157,7 +146,7 @@ def hold_masks(model: nn.Module, masks: dict[str, Tensor] | None = None) -> Mask
             raise PruneError(f"mask for {n} has shape {tuple(mask.shape)}, the weight {tuple(w.shape)}")
         keep = mask.to(device=w.device, dtype=w.dtype)
         handles.append(w.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype)))
-    return MaskHold(handles)
+    return HookHandles(handles)
 
 
 def sparsity_of(model: nn.Module, names: list[str] | None = None) -> dict[str, float]:
