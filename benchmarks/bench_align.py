@@ -4,14 +4,19 @@
     python benchmarks/bench_align.py effect     # DPO, GRPO, reward model + PPO: held-out before -> after
     python benchmarks/bench_align.py speed      # GRPO and DPO step time vs TRL (skipped without trl)
     python benchmarks/bench_align.py all [--quick]
+    python benchmarks/bench_align.py effect --only grpo-arith-cot   # GRPO on worked arithmetic
 
 The starting models: "base", a Llama-style transformer (4 layers, width 128, RoPE, RMSNorm,
 SwiGLU) with a 512-token BPE, trained 1000 steps as a plain-text LM on tinyworld arithmetic and
 instruction records (held-out problems excluded), ~20 minutes on one CPU thread; "arith", the
 base trained 1000 more steps on arithmetic alone (13% held-out exact match), the start of PPO
-and of grpo-arith. rm, dpo and grpo (on the instruction tasks) start from base. Every method
-runs through `run_align` exactly as `lmstack align` does (format plain) and reports the
-held-out numbers of its summary.json (`--only grpo-arith` adds the arithmetic GRPO run).
+and of grpo-arith; "cot", the base with its context stretched to 128 tokens and trained 800
+steps on arithmetic with worked steps (~4 minutes), the start of grpo-arith-cot. rm, dpo and
+grpo (on the instruction tasks) start from base. Every method runs through `run_align` exactly
+as `lmstack align` does (format plain) and reports the held-out numbers of its summary.json
+(`--only grpo-arith` adds the arithmetic GRPO run; `--only grpo-arith-cot` the worked-steps
+one, which also answers the held-out problems with the start and the trained model side by
+side and reports the paired standard error of the difference, and the change per operation).
 
 Speed: the same model exported to Hugging Face format (export_hf) is what TRL trains; the
 same prompts, G, max lengths and batch sizes on both sides; fp32 on the CPU (bf16 on CUDA).
@@ -108,6 +113,35 @@ def arithmetic_model(base: Path, steps: int = 1000, quick: bool = False) -> Path
     return out
 
 
+def cot_model(base: Path, steps: int = 800, quick: bool = False) -> Path:
+    """The base with its context stretched 64 -> 128 tokens (RoPE: the same weights) and trained
+    `steps` more steps on tinyworld arithmetic with worked steps ('Q: what is 47+38? show your
+    work.\nA: 7+8=15, write 5 carry 1. 4+3+1=8, write 8. so 47+38=85'; held-out problems and
+    problems whose steps write out a held-out one excluded): the start of grpo-arith-cot, a
+    policy whose G samples of one problem differ in correctness more often than direct answers do."""
+    import dataclasses
+
+    from lmstack.model import Transformer
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.train import TrainConfig, Trainer
+    out = OUT / ("cot-quick" if quick else "cot")
+    if (out / "model.safetensors").is_file():
+        return out
+    tok = Tokenizer.load(base / "tokenizer.json")
+    short = Transformer.from_pretrained(base, dtype=torch.float32)
+    model = Transformer(dataclasses.replace(short.config, context_length=128))
+    model.load_state_dict(short.state_dict())
+    ids = []
+    for r in D._task_records(0, 400 if quick else 40000, False, ("arithmetic_steps",), "cot"):
+        ids += tok.encode_ordinary(r["prompt"] + r["response"] + "\n") + [tok.eot_token]
+    cfg = TrainConfig(out=str(out), max_steps=20 if quick else steps, batch_size=16, seq_len=128, lr=2e-3,
+                      warmup_steps=20, eval_every=0, ckpt_every=0 if quick else 200, tensorboard=False,
+                      device="auto")
+    Trainer(cfg, model, batches=PackedDocs(ids, 16, 128, seed=2)).fit()
+    tok.save(out / "tokenizer.json")
+    return out
+
+
 # --------------------------------------------------------------------------- effects
 
 EFFECTS = {    # name -> (starting model: "base" or "arith", settings)
@@ -126,17 +160,49 @@ EFFECTS = {    # name -> (starting model: "base" or "arith", settings)
     "grpo-arith": ("arith", dict(method="grpo", n_train=8000, n_eval=4000, max_steps=60, group_size=16,
                                  prompts_per_rollout=128, batch_size=256, grad_accum=8, lr=1e-4,
                                  max_completion_len=8, temperature=0.7, eval_every=20)),
+    # worked steps: the cot model writes 'so 47+38=85' after column steps (46% greedy on held-out
+    # problems, 19% sampled at T 1.0: groups differ in correctness), the reward reads that number
+    "grpo-arith-cot": ("cot", dict(method="grpo", tasks=["arithmetic_steps"], rewards=["final_answer"], n_train=4000,
+                                   n_eval=4000, max_steps=100, group_size=8, prompts_per_rollout=32, batch_size=64,
+                                   grad_accum=4, lr=1e-4, max_completion_len=96, temperature=1.0, eval_every=50,
+                                   eval_samples=0)),
     "ppo": ("arith", dict(method="ppo", n_train=2000, n_eval=200, max_steps=240, prompts_per_rollout=32,
                           batch_size=16, ppo_epochs=2, lr=1e-4, kl_coef=0.05, kl_target=1.0, kl_horizon=64,
                           max_completion_len=8, temperature=1.0, eval_every=60)),
 }
 
 
+def paired_greedy(start: Path, after: Path, records: list[dict], score, max_completion_len: int) -> dict:
+    """Greedy exact match of the start and the trained model on the same held-out problems, and
+    the standard error of the per-problem difference (paired: both models answer every problem,
+    so the SE of after - before is smaller than either binomial SE suggests)."""
+    from lmstack.align.rollout import RolloutEngine
+    from lmstack.align.runner import load_policy
+    hits = []
+    for path in (start, after):
+        policy, tok, _ = load_policy(str(path))
+        engine = RolloutEngine(policy, tok, max_completion_len=max_completion_len, stop_token_ids=[tok.eot_token],
+                               stop=["\n"], max_num_seqs=256)
+        groups = engine.sample([D.prompt_ids(tok, r["prompt"], "plain") for r in records], 1, seed=0, greedy=True)
+        hits.append(torch.tensor([score(r["prompt"], g[0].text, r["answer"]) for r, g in zip(records, groups)]))
+    n, d = len(records), hits[1] - hits[0]
+    ops = [next(o for o in "+-*" if o in r["prompt"].split("what is ", 1)[1]) for r in records]
+    by_op = {o: {"n": ops.count(o), **{k: round(float(h[[x == o for x in ops]].mean()), 3)
+                                       for k, h in (("before", hits[0]), ("after", hits[1]))}} for o in "+-*"}
+    return {"n": n, "before": round(float(hits[0].mean()), 4), "after": round(float(hits[1].mean()), 4),
+            "diff": round(float(d.mean()), 4), "paired_se": round(float(d.std() / n ** 0.5), 4),
+            "fixed": int((d > 0).sum()), "broken": int((d < 0).sum()), "by_op": by_op}
+
+
 def effect(base: Path, which: list[str], quick: bool) -> dict:
-    models = {"base": base, "arith": arithmetic_model(base, quick=quick)}
+    makers = {"base": lambda: base, "arith": lambda: arithmetic_model(base, quick=quick),
+              "cot": lambda: cot_model(base, quick=quick)}
+    models = {}
     results = {}
     for name in which:
         start, kw = EFFECTS[name]
+        if start not in models:
+            models[start] = makers[start]()
         kw = dict(kw)
         if quick:
             kw.update(max_steps=4, n_train=64, n_eval=32, eval_every=2)
@@ -144,12 +210,18 @@ def effect(base: Path, which: list[str], quick: bool) -> dict:
             if kw["method"] == "grpo":
                 kw.update(group_size=4, batch_size=8, grad_accum=2)
         if name == "ppo":
-            kw["reward_model"] = str(OUT / "rm")
-        shutil.rmtree(OUT / name, ignore_errors=True)          # a fresh run, not a resume
+            kw["reward_model"] = str(OUT / ("rm-quick" if quick else "rm"))
+        run_dir = OUT / (f"{name}-quick" if quick else name)   # --quick leaves the measured runs alone
+        shutil.rmtree(run_dir, ignore_errors=True)             # a fresh run, not a resume
         t0 = time.perf_counter()
-        s = run_align(AlignConfig(model=str(models[start]), out=str(OUT / name), format="plain", **kw))
+        s = run_align(AlignConfig(model=str(models[start]), out=str(run_dir), format="plain", **kw))
         results[name] = {"model": start, "before": s["before"], "after": s["after"],
                          "seconds": round(time.perf_counter() - t0, 1)}
+        if kw["method"] == "grpo" and "arithmetic_steps" in kw.get("tasks", ()):
+            from lmstack.align.rewards import final_answer
+            held = D.tinyworld_prompts(seed=0, n=kw["n_eval"], heldout=True, tasks=tuple(kw["tasks"]))
+            results[name]["paired"] = paired_greedy(models[start], run_dir, held, final_answer,
+                                                    kw["max_completion_len"])
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     return results
 
@@ -323,7 +395,11 @@ def main() -> None:
     if args.what in ("speed", "all"):
         report["speed"] = speed(base, args.rounds, args.quick)
     print(json.dumps(report, indent=2))
-    (OUT / f"report{'-quick' if args.quick else ''}.json").write_text(json.dumps(report, indent=2))
+    path = OUT / f"report{'-quick' if args.quick else ''}.json"        # --only adds to the last report
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    for k, v in report.items():
+        merged[k] = {**merged.get(k, {}), **v}
+    path.write_text(json.dumps(merged, indent=2))
 
 
 if __name__ == "__main__":

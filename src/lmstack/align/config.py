@@ -31,7 +31,8 @@ class AlignConfig:
                           "(grpo, ppo); default: tinyworld", default=None)
     eval_data: str | None = _h("held-out JSONL in the same layout; default: tinyworld's held-out set", default=None)
     tinyworld_seed: int = _h("seed of the tinyworld world (must be the pretraining corpus's)", default=0)
-    tasks: list[str] = _h("tinyworld tasks: arithmetic, instruction", default_factory=lambda: ["arithmetic"])
+    tasks: list[str] = _h("tinyworld tasks: arithmetic, arithmetic_steps (worked steps), instruction",
+                          default_factory=lambda: ["arithmetic"])
     n_train: int = _h("tinyworld training pairs / prompts", default=2000)
     n_eval: int = _h("held-out pairs / prompts", default=200)
     # ---- DPO / reward model
@@ -47,9 +48,14 @@ class AlignConfig:
     max_completion_len: int = _h("tokens per completion at most", default=16)
     temperature: float = _h("sampling temperature of the rollouts", default=1.0)
     epsilon: float = _h("clip range of the policy ratio", default=0.2)
-    rewards: list[str] = _h("grpo reward functions: exact_answer, integer_format or module:function",
+    rewards: list[str] = _h("grpo reward functions: exact_answer, final_answer, integer_format or module:function",
                             default_factory=lambda: ["exact_answer"])
     reward_weights: list[float] | None = _h("one weight per reward function (default 1 each)", default=None)
+    eval_reward: str | None = _h("grpo: the rule of held-out exact match, a reward function that gives 1.0 to a "
+                                 "right answer (exact_answer; final_answer for arithmetic_steps); default: "
+                                 "final_answer when it is among --rewards, else exact_answer", default=None)
+    eval_samples: int = _h("grpo: samples per held-out prompt for the sampled exact match (0 = greedy only)",
+                           default=4)
     scale_rewards: bool = _h("grpo: divide advantages by the group std (False = Dr. GRPO)", default=True)
     # ---- PPO
     reward_model: str | None = _h("ppo: the reward model run dir (from `lmstack align rm`)", default=None)
@@ -106,6 +112,10 @@ class AlignConfig:
                      "max_steps", "batch_size", "grad_accum", "n_train", "n_eval"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
+        if self.eval_reward is None:
+            self.eval_reward = "final_answer" if "final_answer" in self.rewards else "exact_answer"
+        if self.eval_samples < 0:
+            bad("eval_samples", "must be >= 0")
         if self.method == "grpo" and self.group_size < 2:
             bad("group_size", "GRPO needs >= 2 samples per prompt")
         if not self.temperature > 0:

@@ -129,6 +129,7 @@ def _task_records(seed: int, n: int, heldout: bool, tasks: tuple[str, ...], salt
     keep = eval_keep if heldout else (lambda key: not eval_keep(key))
     rng = random.Random(f"align:{salt}:{seed}:{'heldout' if heldout else 'train'}")
     makers = {"arithmetic": lambda: tw.arithmetic(rng, keep, steps=False, keep_steps=not heldout),
+              "arithmetic_steps": lambda: tw.arithmetic(rng, keep, steps=True, keep_steps=not heldout),
               "instruction": lambda: tw.instruction(rng, keep)}
     unknown = [t for t in tasks if t not in makers]
     if unknown:
@@ -151,10 +152,18 @@ def tinyworld_pairs(seed: int = 0, n: int = 2000, heldout: bool = False,
             for r in _task_records(seed, n, heldout, tuple(tasks), "pairs")]
 
 
+def final_number(work: str) -> str:
+    """The result a worked solution ends with: '7+8=15, ... so 47+38=85' -> '85'."""
+    return work.rsplit("=", 1)[-1].strip()
+
+
 def tinyworld_prompts(seed: int = 0, n: int = 256, heldout: bool = False,
                       tasks: tuple[str, ...] = ("arithmetic",)) -> list[dict]:
-    """{"prompt", "answer", "task"}: problems with an exact answer (verifiable rewards)."""
-    return [{"prompt": r["prompt"], "answer": r["answer"], "task": r["task"]}
+    """{"prompt", "answer", "task"}: problems with an exact answer (verifiable rewards). For
+    arithmetic_steps ('... show your work.') the answer is the final number the worked steps
+    end with (reward: rewards.final_answer), not the steps themselves."""
+    return [{"prompt": r["prompt"], "task": r["task"],
+             "answer": final_number(r["answer"]) if r["task"] == "arithmetic_steps" else r["answer"]}
             for r in _task_records(seed, n, heldout, tuple(tasks), "prompts")]
 
 

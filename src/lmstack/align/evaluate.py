@@ -45,13 +45,15 @@ def preference_accuracy(model, pairs, batch_size: int = 32, dtype=torch.float32)
             "logp_chosen": float(c.mean())}
 
 
-def exact_match(engine, records: list[dict], prompt_ids: list[list[int]], samples: int = 0) -> dict:
-    """Greedy completions of every prompt; the share whose first line is the record's answer,
-    its binomial standard error, and the share of the 5 most frequent answers (a shortcut check).
-    samples > 0: also "exact_match_sampled", the mean over that many samples per prompt at the
-    engine's (training) temperature, the distribution RL optimizes."""
+def exact_match(engine, records: list[dict], prompt_ids: list[list[int]], samples: int = 0,
+                score=exact_answer) -> dict:
+    """Greedy completions of every prompt; the share `score` (a reward function: 1.0 = right;
+    default: the first line is the record's answer) counts right, its binomial standard error,
+    and the share of the 5 most frequent answer lines (a shortcut check). samples > 0: also
+    "exact_match_sampled", the mean over that many samples per prompt at the engine's
+    (training) temperature, the distribution RL optimizes."""
     groups = engine.sample(prompt_ids, 1, seed=0, greedy=True)
-    hits = [exact_answer(r["prompt"], g[0].text, r["answer"]) for r, g in zip(records, groups)]
+    hits = [score(r["prompt"], g[0].text, r["answer"]) for r, g in zip(records, groups)]
     lens = [len(g[0].token_ids) for g in groups]
     n = max(1, len(hits))
     em = sum(hits) / n
@@ -63,7 +65,7 @@ def exact_match(engine, records: list[dict], prompt_ids: list[list[int]], sample
            "completion_len": sum(lens) / max(1, len(lens))}
     if samples:
         groups = engine.sample(prompt_ids, samples, seed=4242)
-        hits = [exact_answer(r["prompt"], c.text, r["answer"]) for r, g in zip(records, groups) for c in g]
+        hits = [score(r["prompt"], c.text, r["answer"]) for r, g in zip(records, groups) for c in g]
         out["exact_match_sampled"] = sum(hits) / max(1, len(hits))
     return out
 

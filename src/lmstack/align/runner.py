@@ -175,7 +175,8 @@ class _Run:
                                   **self._rollout_kw())
         self.model, self.engine = self.policy, self.batches.engine
         self.objective = GRPOObjective(c.loss_type, c.epsilon, c.beta, c.temperature, c.max_completion_len)
-        self.measure = lambda: exact_match(self.engine, held, held_ids, samples=4)
+        score = resolve_reward(c.eval_reward)
+        self.measure = lambda: exact_match(self.engine, held, held_ids, samples=c.eval_samples, score=score)
         self.on_sample = lambda model, step: self.measure()
 
     def build_ppo(self):
