@@ -15,6 +15,7 @@ can beat the DRAM copy rate; the big model's do not.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -70,7 +71,8 @@ def linear_rates(model: nn.Module, fast) -> dict:
 def report(model: nn.Module, fast, label: str, copy_gbs: float, gemm_gflops: float, read_gbs: float) -> str:
     r = linear_rates(model, fast)
     (gb1, _, ms1), (_, gf256, _), (mkl_gb, _, mkl_ms) = r[1], r[256], r["mkl_1"]
-    return (f"speed of light, {label}: {r['n_linears']} linears, {r['weights_mb']:.1f} MB of float32 weights. "
+    return (f"speed of light, {label} (load average {os.getloadavg()[0]:.1f}: above ~2 on 2 cores, compare the "
+            f"ratios, not the GB/s): {r['n_linears']} linears, {r['weights_mb']:.1f} MB of float32 weights. "
             f"Decode (1 row): {ms1:.2f} ms a token, {gb1:.1f} GB/s = {gb1 / read_gbs:.0%} of the read rate "
             f"{read_gbs:.1f} GB/s ({gb1 / copy_gbs:.0%} of the copy rate {copy_gbs:.1f} GB/s; F.linear/MKL: "
             f"{mkl_ms:.2f} ms, {mkl_gb:.1f} GB/s; ours {mkl_ms / ms1:.2f}x it). "

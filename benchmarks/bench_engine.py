@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from lmstack import kernels
 from lmstack.infer import LLM, SamplingParams
 
 VOCAB = 2048
@@ -321,6 +322,9 @@ def speed_of_light(path: str, label: str, args) -> None:
         args.rates = (sol.copy_rate(), sol.gemm_rate(), sol.read_rate())
     llm = LLM(path, device="cpu", dtype=torch.float32, kv_cache_tokens=2048)
     print(sol.report(llm.engine.model, llm.engine.runner.fast_linears, label, *args.rates), flush=True)
+    why = llm.engine.runner.fused.why_not or (None if kernels.available() else kernels.unavailable_reason())
+    path_note = "one compiled op a step (infer/fused_decode.py)" if why is None else f"the module forward ({why})"
+    print(f"  batch decode steps: {path_note}", flush=True)
 
 
 def main(argv=None) -> int:

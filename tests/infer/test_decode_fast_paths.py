@@ -17,12 +17,18 @@ from lmstack.model.transformer import Block
 from tests.infer.conftest import plain_greedy, tiny_model
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_decode_bindings_equal_the_general_path(fused):
+@pytest.mark.parametrize("path", ["whole_step", "kernel", "torch"])
+def test_decode_bindings_equal_the_general_path(path):
     """Decode rows (one token, one logit) of different lengths and block tables: the decode
-    shortcut's logits and K/V writes equal the general path's, on the fused kernel and without it."""
+    shortcut's logits and K/V writes equal the general path's, on the whole-step op
+    (fused_decode.py: its own norms, so equal within float rounding), on the module forward with
+    the fused attention kernel, and without kernels (both bit for bit)."""
     llm = LLM(tiny_model(3), block_size=4, kv_cache_tokens=256)
     runner, cache = llm.engine.runner, llm.engine.cache
+    if path != "whole_step":
+        runner.fused.why_not = "tested without it"
+    fused = path != "torch"
+    steps = runner.fused.steps
     g = torch.Generator().manual_seed(0)
     cache.k.normal_(generator=g)
     cache.v.normal_(generator=g)
@@ -36,7 +42,12 @@ def test_decode_bindings_equal_the_general_path(fused):
         got = runner._decode_forward(rows)
     assert got.shape == want.shape == (3, 96)
     assert (got - want).abs().max() < 1e-5
-    assert torch.equal(cache.k, k_want) and torch.equal(cache.v, v_want)
+    if path == "whole_step" and kernels.available():
+        assert runner.fused.steps == steps + 1
+        assert (cache.k - k_want).abs().max() < 1e-5 and (cache.v - v_want).abs().max() < 1e-5
+    elif path != "whole_step":
+        assert runner.fused.steps == steps
+        assert torch.equal(cache.k, k_want) and torch.equal(cache.v, v_want)
     assert not torch.equal(k_want, k0)                    # the step wrote its tokens' K/V
 
 
@@ -84,3 +95,20 @@ def test_block_dropout_still_drops_in_training_only():
     block.drop.p = block.attn.dropout = 0.0             # (attention's own dropout too)
     block.train()
     assert torch.equal(block(x, ctx), block.eval()(x, ctx))   # p = 0 in training: no dropout
+
+
+def test_decode_rows_share_one_forward_whatever_their_contexts():
+    """On the CPU kernels decode rows read their context in place: one forward for all of them
+    (a context of 3 beside one of 200 costs no padding), the other rows grouped by padding; the
+    logits are those of each row run alone."""
+    llm = LLM(tiny_model(3), block_size=4, kv_cache_tokens=1024)
+    runner = llm.engine.runner
+    rows = [RunnerRow([5], 200, list(range(51)), 1), RunnerRow([7, 8, 9], 40, list(range(60, 71)), 2),
+            RunnerRow([17], 3, [80], 1), RunnerRow(list(range(1, 31)), 0, list(range(90, 98)), 1)]
+    if kernels.available():
+        assert runner._groups(rows) == [[0, 2], [3, 1]]
+    with torch.inference_mode():
+        together = runner.execute(rows)
+        alone = torch.cat([runner.execute([r]) for r in rows])
+    assert together.shape == (5, 96)
+    assert torch.allclose(together, alone, rtol=1e-5, atol=1e-4)     # logits of magnitude ~10 here

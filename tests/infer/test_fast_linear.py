@@ -16,7 +16,7 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels not
 
 
 @needs_kernels
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8])   # every tile the kernel picks (dense_linear.cpp)
 @pytest.mark.parametrize("N,K,bias", [(7, 5, True), (64, 48, False), (130, 257, True), (300, 1024, False)])
 def test_dense_linear_equals_f_linear(M, N, K, bias):
     g = torch.Generator().manual_seed(M * 1000 + N)

@@ -341,21 +341,24 @@ def test_cuda_matches_cpu_and_bf16_cache():
 
 
 # ---- logits_indices: the head only where logits are wanted ---------------------------
-@pytest.mark.parametrize("variant", ["rope-gqa", "learned-gelu-layernorm", "sinusoidal-relu-postnorm", "moe"])
-def test_logits_indices_pick_rows_of_full_forward(variant):
+@pytest.mark.parametrize("prune", [False, True])     # the last block (queries, MLP) at the picked rows only, or not
+@pytest.mark.parametrize("variant", ["rope-gqa", "learned-gelu-layernorm", "sinusoidal-relu-postnorm", "moe",
+                                     "mqa-qknorm-bias", "partial-rope-linear", "none-window", "alibi"])
+def test_logits_indices_pick_rows_of_full_forward(variant, prune):
     m = model(**VARIANTS[variant])
     x = ids(B=3, T=11)
     idx = torch.tensor([10, 0, 21, 21, 32, 15])          # flat b * T + t, any order, repeats allowed
     with torch.no_grad():
         full = m(x).reshape(3 * 11, V)
-        picked = m(x, logits_indices=idx)
-        empty = m(x, logits_indices=torch.zeros(0, dtype=torch.long))
+        picked = m(x, logits_indices=idx, prune_last_block=prune)
+        empty = m(x, logits_indices=torch.zeros(0, dtype=torch.long), prune_last_block=prune)
     assert picked.shape == (6, V) and empty.shape == (0, V)
     # per-row math is the same; a GEMM with fewer rows may block its sums differently
     assert (picked - full[idx]).abs().max().item() < 1e-6
 
 
-def test_logits_indices_with_cache_and_padding():
+@pytest.mark.parametrize("prune", [False, True])
+def test_logits_indices_with_cache_and_padding(prune):
     m = model()
     x = ids(B=2, T=9)
     pos = torch.arange(9).expand(2, 9).clone()
@@ -363,8 +366,14 @@ def test_logits_indices_with_cache_and_padding():
     idx = torch.tensor([8, 9 + 5])                          # last real token of each row
     with torch.no_grad():
         full = m(x, positions=pos, cache=ContiguousKVCache(2, 2, 16, 2, 16)).reshape(18, V)
-        picked = m(x, positions=pos, cache=ContiguousKVCache(2, 2, 16, 2, 16), logits_indices=idx)
+        cache = ContiguousKVCache(2, 2, 16, 2, 16)
+        picked = m(x, positions=pos, cache=cache, logits_indices=idx, prune_last_block=prune)
+        # the pruned forward still wrote every position's keys: the next token reads them
+        nxt = m(x[:, :1], positions=torch.tensor([[9], [6]]), cache=cache)[:, 0]
+        ref = m(torch.cat([x[:, :9], x[:, :1]], 1), positions=torch.cat([pos, torch.tensor([[9], [6]])], 1),
+                cache=ContiguousKVCache(2, 2, 16, 2, 16)).reshape(2, 10, V)
     assert (picked - full[idx]).abs().max().item() < 1e-6
+    assert (nxt - ref[:, 9]).abs().max().item() < 1e-5
 
 
 def test_logits_indices_rejects_bad_input():

@@ -58,7 +58,7 @@ def test_kernel_equals_linear_of_rounded_input(out_f, in_f, group, symmetric):
     m = a8_module(out_f, in_f, group, symmetric)
     w, zero, ab = m.dequantize(), None if symmetric else m.weight_zero, m.act_block
     assert ab == act_block(m.group_size)
-    for rows in (1, 3, 4, 5, 13, 70):              # tile remainders, and past the 64-row chunk
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 13, 70):  # every GEMV width, tile remainders, past the 64-row chunk
         x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)) * 3
         x[0, :ab] = 0                               # an all-zero block
         y = kernels.quant_linear_a8(x, m.weight, m.weight_scale, zero, m.group_size, ab, m.bias)

@@ -12,14 +12,18 @@
   quant_linear.cpp  torch.ops.lmstack.quant_linear, the weight-only quantized linear: at
                     decode and small batches it reads INT8 / packed INT4 / NF4 codes and
                     decodes them in registers (float32 accumulation); for prefill it hands
-                    cached blocks of the dequantized weight to MKL's GEMM.
-                    torch.ops.lmstack.quant_dequantize: the float32 weight in one pass
+                    cached blocks of the dequantized weight to MKL's GEMM
+  quant_dequantize.cpp  those blocks, and torch.ops.lmstack.quant_dequantize: the float32
+                    weight in one pass (quant_codes.h: the formats and decoders both share)
   quant_linear_a8.cpp  torch.ops.lmstack.quant_linear_a8, INT8 weights x int8 activations
                     (W8A8, act_bits=8): x rounded in blocks of 32, VNNI integer dot products
   paged_attention.cpp  torch.ops.lmstack.paged_attention, attention of a few queries per row
                     (decode, draft verification) reading K/V in place through block tables,
                     online softmax, GQA, sliding window; paged_attention_step: RoPE on the
                     new q, k + the K/V write + that attention in one op (infer/paged_cache.py)
+  decode_step.cpp   torch.ops.lmstack.decode_step, a Llama-family decoder's whole decode step
+                    (ids -> logits) in one op: its GEMVs on dense_linear, attention on
+                    paged_attention_step (infer/fused_decode.py)
   dense_linear.cpp  torch.ops.lmstack.dense_linear, the float32 linear for a few rows (decode
                     GEMVs), faster than MKL's on our AMD CPUs (infer/fast_linear.py uses it)
   build.py          `python -m lmstack.kernels.build`, run by `make install`: compiles into
@@ -105,6 +109,11 @@ def _register_fakes() -> None:
     def _(q, k, v, k_cache, v_cache, block_tables, q_pos, cos, sin, block_size, scale, window):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("lmstack::decode_step")
+    def _(ids, q_pos, block_tables, k_cache, v_cache, rope_cos, rope_sin, wte, weights, biases, norm_f, lm_head, quant,
+          quant_meta, n_head, n_kv_head, eps, block_size, scale, window, gemv_rows):
+        return wte.new_empty(ids.shape[0], lm_head.shape[0])
+
 
 def _registered() -> bool:
     try:
@@ -112,6 +121,7 @@ def _registered() -> bool:
         torch.ops.lmstack.paged_attention_step
         torch.ops.lmstack.dense_linear
         torch.ops.lmstack.quant_linear_a8
+        torch.ops.lmstack.decode_step
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -234,6 +244,29 @@ def paged_attention_step(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cac
                                                           block_size, scale, 0 if window is None else window)
 
 
+def decode_step(ids: Tensor, q_pos: Tensor, block_tables: Tensor, k_cache: Tensor, v_cache: Tensor,
+                rope_cos: Tensor | None, rope_sin: Tensor | None, wte: Tensor, weights: list[Tensor],
+                biases: list[Tensor | None], norm_f: Tensor, lm_head: Tensor, n_head: int, n_kv_head: int,
+                eps: float, block_size: int, scale: float, window: int | None, gemv_rows: int,
+                quant: list[Tensor | None] | None = None, quant_meta: list[int] | None = None) -> Tensor:
+    """A pre-norm RMSNorm + SwiGLU decoder's whole decode step (decode_step.cpp): ids (B,) int64,
+    one new token a row at q_pos (B, 1) -> logits (B, V) float32, writing each layer's K/V into
+    k_cache / v_cache (n_layer, slots, KV, D) through block_tables (B, n_blk). rope_cos / rope_sin:
+    the RoPE tables (P > every position, rot), row p for position p, or None; weights: per layer
+    [attn_norm, qkv, o, mlp_norm, fc (gate | up), down], biases per layer [qkv, o, fc, down]
+    (None: none). Linears of up to gemv_rows rows take dense_linear. Quantized linears (IntLinear's
+    codes as the weight): quant holds 3 tensors for each linear, layer by layer [qkv, o, fc, down]
+    then the head: (scale, zero or None, awq_scale or None), and quant_meta 3 ints for each: (bits,
+    0 = float32; group_size; act_block, 0 = weight-only); they run quant_linear / quant_linear_a8
+    with the module's arguments. None / None: every linear float32."""
+    if not _loaded:
+        _require()
+    return torch.ops.lmstack.decode_step.default(ids, q_pos, block_tables, k_cache, v_cache, rope_cos, rope_sin, wte,
+                                                 weights, biases, norm_f, lm_head, quant or [], quant_meta or [],
+                                                 n_head, n_kv_head, eps, block_size,
+                                                 scale, 0 if window is None else window, gemv_rows)
+
+
 def _require() -> None:
     if not available() and not _loaded:
         raise KernelsUnavailable(f"the compiled kernels are unavailable: {unavailable_reason()}")
@@ -241,4 +274,4 @@ def _require() -> None:
 
 __all__ = ["KernelsUnavailable", "available", "unavailable_reason", "disabled", "quant_linear", "quant_linear_a8",
            "quant_dequantize",
-           "paged_attention", "paged_attention_step", "dense_linear"]
+           "paged_attention", "paged_attention_step", "dense_linear", "decode_step"]

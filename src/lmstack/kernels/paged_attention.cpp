@@ -21,8 +21,10 @@
 // s_i, m' = max(m, max_i s_i), acc = acc * e^(m - m') + sum_i e^(s_i - m') v_i, likewise l,
 // and out = acc / l at the end. One pass over K and V, nothing of size S written.
 //
-// GQA: a work item is one (row b, kv head g); it loads each key and value vector once for the
-// H / KV query heads (and the T queries) that share it. Items run in parallel on
+// GQA: a work item is a row b and a run of its kv heads (the whole row unless the threads need
+// more items); keys outer, heads inner, so each key and value vector is loaded once for the
+// H / KV query heads that share it and each slot's heads are read as one contiguous run.
+// AVX-512 where the compiler targets it (-march=native), else AVX2, else scalar loops. Items run in parallel on
 // torch.get_num_threads() threads (pool.h) when there is enough work to pay for waking one.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -33,11 +35,15 @@
 #include <limits>
 #include <vector>
 
+#include "paged_attention.h"
 #include "pool.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LMSTACK_AVX2 1
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -53,7 +59,15 @@ inline float hsum8(__m256 v) {
 inline float dot(const float* a, const float* b, int64_t D) {
   int64_t d = 0;
   float s = 0.f;
-#ifdef LMSTACK_AVX2
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  for (; d + 32 <= D; d += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), a1);
+  }
+  for (; d + 16 <= D; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), a0);
+  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(LMSTACK_AVX2)
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (; d + 16 <= D; d += 16) {
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), a0);
@@ -66,15 +80,32 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return s;
 }
 
-// y = y * c + p * v   (c: the rescale of the old accumulator)
-inline void scale_axpy(float* y, float c, float p, const float* v, int64_t D) {
+// y = y * c   (the rescale of an accumulator when the running max grows)
+inline void scale(float* y, float c, int64_t D) {
   int64_t d = 0;
-#ifdef LMSTACK_AVX2
-  const __m256 cv = _mm256_set1_ps(c), pv = _mm256_set1_ps(p);
-  for (; d + 8 <= D; d += 8)
-    _mm256_storeu_ps(y + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_mul_ps(cv, _mm256_loadu_ps(y + d))));
+#if defined(__AVX512F__)
+  const __m512 cv = _mm512_set1_ps(c);
+  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(y + d, _mm512_mul_ps(cv, _mm512_loadu_ps(y + d)));
+#elif defined(LMSTACK_AVX2)
+  const __m256 cv = _mm256_set1_ps(c);
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(y + d, _mm256_mul_ps(cv, _mm256_loadu_ps(y + d)));
 #endif
-  for (; d < D; ++d) y[d] = y[d] * c + p * v[d];
+  for (; d < D; ++d) y[d] *= c;
+}
+
+// y = y + p * v
+inline void axpy(float* y, float p, const float* v, int64_t D) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; d + 16 <= D; d += 16)
+    _mm512_storeu_ps(y + d, _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + d), _mm512_loadu_ps(y + d)));
+#elif defined(LMSTACK_AVX2)
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(y + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(y + d)));
+#endif
+  for (; d < D; ++d) y[d] += p * v[d];
 }
 
 struct Args {
@@ -92,49 +123,61 @@ struct Args {
 // Keys per pass: the scores of one block (or this many keys of it) for every query head of the group.
 constexpr int64_t kKeys = 32;
 
-// One work item: row b, kv head g; all T queries and the H / KV heads that share g.
-void item(const Args& a, int64_t b, int64_t g) {
-  const int64_t rep = a.H / a.KV, D = a.D;
-  std::vector<float> acc(rep * D);
-  float scores[kKeys];
+// One work item: row b, kv heads g0..g1 (and their query heads h = g * rep .. (g + 1) * rep - 1,
+// rep = H / KV), all T queries. Slots outer, heads inner: one pass over a block reads each
+// slot's keys (and then values) of the item's kv heads as one contiguous run, which the
+// hardware prefetcher streams (measured 1.5-1.8x faster than a pass per kv head when the
+// cache is not in L2), and loads each key and value vector once for the rep heads sharing it.
+void item(const Args& a, int64_t b, int64_t g0, int64_t g1) {
+  const int64_t rep = a.H / a.KV, D = a.D, h0 = g0 * rep, nh = (g1 - g0) * rep;
+  std::vector<float> acc(nh * D), run_max(nh), run_sum(nh), scores(nh * kKeys);
+  std::vector<const float*> qv(nh);
   for (int64_t t = 0; t < a.T; ++t) {
     const int64_t qp = a.q_pos[b * a.T + t];
-    float* out_t = a.out + ((b * a.T + t) * a.H + g * rep) * D;   // rep heads, contiguous
+    float* out_t = a.out + ((b * a.T + t) * a.H + h0) * D;   // the item's heads, contiguous
     if (qp < 0) {
-      std::fill(out_t, out_t + rep * D, 0.f);
+      std::fill(out_t, out_t + nh * D, 0.f);
       continue;
     }
     const int64_t lo = a.window > 0 ? std::max<int64_t>(0, qp - a.window + 1) : 0;
-    for (int64_t r = 0; r < rep; ++r) {
-      const float* qv = a.q + b * a.qs_b + (g * rep + r) * a.qs_h + t * a.qs_t;
-      float* ac = acc.data() + r * D;
-      std::fill(ac, ac + D, 0.f);
-      float m = -std::numeric_limits<float>::infinity(), l = 0.f;
-      // positions lo..qp, in runs that stay inside one block (contiguous slots)
-      for (int64_t p0 = lo; p0 <= qp;) {
-        const int64_t blk = p0 / a.bs, off = p0 % a.bs;
-        const int64_t n = std::min({a.bs - off, qp + 1 - p0, kKeys});
-        const int64_t slot0 = a.tables[b * a.n_blk + blk] * a.bs + off;
-        const float* kp = a.k + (slot0 * a.KV + g) * D;
-        const float* vp = a.v + (slot0 * a.KV + g) * D;
-        const int64_t kstride = a.KV * D;   // next slot, same head
-        float mb = m;
+    for (int64_t h = 0; h < nh; ++h) qv[h] = a.q + b * a.qs_b + (h0 + h) * a.qs_h + t * a.qs_t;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
+    std::fill(run_sum.begin(), run_sum.end(), 0.f);
+    // positions lo..qp, in runs that stay inside one block (contiguous slots)
+    for (int64_t p0 = lo; p0 <= qp;) {
+      const int64_t blk = p0 / a.bs, off = p0 % a.bs;
+      const int64_t n = std::min({a.bs - off, qp + 1 - p0, kKeys});
+      const int64_t slot0 = a.tables[b * a.n_blk + blk] * a.bs + off;
+      const int64_t stride = a.KV * D;   // next slot
+      const float* kp = a.k + (slot0 * a.KV + g0) * D;
+      const float* vp = a.v + (slot0 * a.KV + g0) * D;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t h = 0; h < nh; ++h)
+          scores[h * kKeys + i] = dot(qv[h], kp + i * stride + (h / rep) * D, D) * a.scale;
+      for (int64_t h = 0; h < nh; ++h) {
+        float* s = scores.data() + h * kKeys;
+        float mb = run_max[h];
+        for (int64_t i = 0; i < n; ++i) mb = std::max(mb, s[i]);
+        const float c = std::exp(run_max[h] - mb);   // -inf the first time: c = 0 on a zero acc and sum
+        float l = run_sum[h] * c;
         for (int64_t i = 0; i < n; ++i) {
-          scores[i] = dot(qv, kp + i * kstride, D) * a.scale;
-          mb = std::max(mb, scores[i]);
+          s[i] = std::exp(s[i] - mb);
+          l += s[i];
         }
-        const float c = std::exp(m - mb);   // m = -inf the first time: c = 0, acc and l are 0 anyway
-        l *= c;
-        for (int64_t i = 0; i < n; ++i) {
-          const float e = std::exp(scores[i] - mb);
-          l += e;
-          scale_axpy(ac, i == 0 ? c : 1.f, e, vp + i * kstride, D);
-        }
-        m = mb;
-        p0 += n;
+        if (c != 1.f) scale(acc.data() + h * D, c, D);
+        run_max[h] = mb;
+        run_sum[h] = l;
       }
-      const float inv = 1.f / l;
-      float* o = out_t + r * D;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t h = 0; h < nh; ++h)
+          axpy(acc.data() + h * D, scores[h * kKeys + i], vp + i * stride + (h / rep) * D, D);
+      p0 += n;
+    }
+    for (int64_t h = 0; h < nh; ++h) {
+      const float inv = 1.f / run_sum[h];
+      const float* ac = acc.data() + h * D;
+      float* o = out_t + h * D;
       for (int64_t d = 0; d < D; ++d) o[d] = ac[d] * inv;
     }
   }
@@ -186,11 +229,18 @@ void attend(const float* q, int64_t qs_b, int64_t qs_h, int64_t qs_t, const at::
   // work ~ the keys read: wake helpers only when an item's share is worth microseconds
   int64_t keys = 0;
   for (int64_t i = 0; i < B * T; ++i) keys += window > 0 ? std::min(qp[i] + 1, window) : qp[i] + 1;
-  const int64_t n_items = B * KV;
+  // items: each row's kv heads cut into `parts` runs, just enough items for the threads (whole
+  // rows when there are as many rows as threads: the longest contiguous reads)
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t parts = std::min(KV, (threads + B - 1) / B);
+  const int64_t n_items = B * parts;
   const int64_t work = keys * H * D;   // multiply-adds, both passes
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) * n_items / std::max<int64_t>(work, 1));
   lmstack::parallel_rows(n_items, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) item(a, i / KV, i % KV);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / parts, part = i % parts;
+      item(a, b, part * KV / parts, (part + 1) * KV / parts);
+    }
   });
 }
 
@@ -230,9 +280,11 @@ void check_qkv(const at::Tensor& t, const char* name, int64_t B, int64_t T, int6
               ") with a contiguous last dim, got ", t.sizes(), " ", t.scalar_type());
 }
 
-// q (B, T, H, D), k / v (B, T, KV, D) of this step's tokens (views of the QKV projection, before
-// RoPE); cos / sin (B, T, rot) or undefined (no RoPE). Writes RoPE(k) and v at each valid token's
-// slot (position q_pos[b, t] through the table), then attends. Returns (B, T, H, D).
+}  // namespace
+
+namespace lmstack {
+
+// Declared in paged_attention.h (decode_step.cpp calls it too).
 at::Tensor paged_attention_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache,
                                 at::Tensor v_cache, const at::Tensor& block_tables, const at::Tensor& q_pos,
                                 const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
@@ -285,7 +337,7 @@ at::Tensor paged_attention_step(const at::Tensor& q, const at::Tensor& k, const 
   return out;
 }
 
-}  // namespace
+}  // namespace lmstack
 
 TORCH_LIBRARY_FRAGMENT(lmstack, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor q_pos, "
@@ -297,5 +349,5 @@ TORCH_LIBRARY_FRAGMENT(lmstack, m) {
 
 TORCH_LIBRARY_IMPL(lmstack, CPU, m) {
   m.impl("paged_attention", &paged_attention);
-  m.impl("paged_attention_step", &paged_attention_step);
+  m.impl("paged_attention_step", &lmstack::paged_attention_step);
 }

@@ -19,9 +19,11 @@
 //
 // Work split as quant_linear: output rows in parallel (pool.h); rows of x in tiles of up to 4
 // against 2-4 outputs at a time (each 32-byte piece of weight or x loaded once per tile), rows of
-// x in chunks of 64 (their codes stay in cache). One or two rows (batch-1 decode) take the
-// weight-only kernel on x_hat instead (kGemvRows below). Without AVX512-VNNI + AVX512VL
-// (build.py passes -march=native) the scalar loops do the work.
+// x in chunks of 64 (their codes stay in cache). Up to 8 rows (decode, kGemvRows) take
+// gemv_rows: one weight row at a time, front to back (a single stream from memory, as in
+// dense_linear.cpp; the tiles' 2-4 rows at a time are 2-4 streams), 64 codes per vpdpbusd on
+// 512-bit registers. Without AVX512-VNNI + AVX512VL (build.py passes -march=native) the scalar
+// loops do the tiles' work and one or two rows take the weight-only kernel on x_hat.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -35,6 +37,9 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__FMA__)
 #include <immintrin.h>
 #define LMSTACK_VNNI 1
+#if defined(__AVX512BW__)
+#define LMSTACK_VNNI512 1  // 64 codes per vpdpbusd: the one- or two-row GEMV below
+#endif
 #endif
 
 namespace {
@@ -42,10 +47,13 @@ namespace {
 constexpr int64_t kSub = 32;     // bytes per vpdpbusd (one ymm); activation blocks are multiples
 constexpr int kTileA8 = 4;       // rows of x per pass over a weight row
 constexpr int64_t kChunk = 64;   // rows of x quantized and multiplied at a time
-// Up to this many rows (batch-1 decode), x_hat = q * sx goes to the weight-only kernel instead:
-// the same product, and faster there when the weights stream from memory (measured in the
-// engine: 0.7x for the VNNI tiles at one row; they win from a few rows up, 1.2-2.6x at 32)
-constexpr int64_t kGemvRows = 2;
+// Up to this many rows (decode of up to 8 sequences) gemv_rows below: measured on the 53.5M
+// Llama's decode linears (one thread) 1.3-1.4x the weight-only kernel on x_hat at one row, 1.7x
+// at two, and 1.9x / 1.7x / 1.85x / 1.36x the tiles at 3 / 4 / 6 / 8 rows (the tiles measured
+// 0.7x the weight-only kernel at one row; they read 2-4 weight rows at a time). Without 512-bit
+// VNNI up to 2 rows go to the weight-only kernel on x_hat = q * sx (kGemvRowsX), more to the tiles.
+constexpr int64_t kGemvRows = 8;
+constexpr int64_t kGemvRowsX = 2;
 
 struct A8 {
   const uint8_t* w;     // (N, K) codes
@@ -156,6 +164,81 @@ void rows_tile(const A8& a, int64_t begin, int64_t end, int64_t m0) {
   for (; o < end; ++o) tile<MT, 1>(a, o, m0);
 }
 
+#ifdef LMSTACK_VNNI512
+// y[m, o] for the MT (1 to 8) rows of x, one weight row o: 64 codes per instruction, two
+// integer chains (alternate 64-byte steps) per row of x, each activation block's integer sum
+// converted once into a float accumulator scaled by sx * s; one horizontal sum per row.
+template <int MT>
+void gemv_row(const A8& a, int64_t o) {
+  const uint8_t* w = a.w + o * a.K;
+  const int64_t nab = a.K / a.ab, ab_per_group = a.g / a.ab;
+  __m512 acc[MT];
+  float zterm[MT] = {};
+  for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < a.G; ++gi) {
+    const float s = a.scale[o * a.G + gi];
+    const float z = a.zero ? static_cast<float>(a.zero[o * a.G + gi]) : 128.0f;
+    for (int t = 0; t < MT; ++t) zterm[t] += s * z * a.zsum[t * a.G + gi];
+    for (int64_t b = gi * ab_per_group; b < (gi + 1) * ab_per_group; ++b) {
+      __m512i d0[MT], d1[MT];
+      for (int t = 0; t < MT; ++t) d0[t] = d1[t] = _mm512_setzero_si512();
+      int64_t j = b * a.ab;
+      const int64_t end = j + a.ab;
+      for (; j + 128 <= end; j += 128) {
+        const __m512i w0 = _mm512_loadu_si512(w + j), w1 = _mm512_loadu_si512(w + j + 64);
+        for (int t = 0; t < MT; ++t) {
+          d0[t] = _mm512_dpbusd_epi32(d0[t], w0, _mm512_loadu_si512(a.q + t * a.K + j));
+          d1[t] = _mm512_dpbusd_epi32(d1[t], w1, _mm512_loadu_si512(a.q + t * a.K + j + 64));
+        }
+      }
+      if (j + 64 <= end) {
+        const __m512i w0 = _mm512_loadu_si512(w + j);
+        for (int t = 0; t < MT; ++t) d0[t] = _mm512_dpbusd_epi32(d0[t], w0, _mm512_loadu_si512(a.q + t * a.K + j));
+        j += 64;
+      }
+      if (j < end) {  // 32 codes left (blocks are multiples of 32): the upper half zero
+        const __m512i w0 = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j)));
+        for (int t = 0; t < MT; ++t) {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + t * a.K + j));
+          d1[t] = _mm512_dpbusd_epi32(d1[t], w0, _mm512_zextsi256_si512(q));
+        }
+      }
+      for (int t = 0; t < MT; ++t) {
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(d0[t], d1[t]));
+        acc[t] = _mm512_fmadd_ps(f, _mm512_set1_ps(a.sx[t * nab + b] * s), acc[t]);
+      }
+    }
+  }
+  const float bias = a.bias ? a.bias[o] : 0.0f;
+  for (int t = 0; t < MT; ++t) a.y[t * a.N + o] = _mm512_reduce_add_ps(acc[t]) - zterm[t] + bias;
+}
+
+// Up to 8 rows of x: quantized once, then every output row on the pool's threads.
+void gemv_rows(const float* x, int64_t M, A8 a, std::vector<int8_t>& q, std::vector<float>& sx,
+               std::vector<float>& zsum) {
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row(x + m * a.K, a.K, a.g, a.ab, q.data() + m * a.K, sx.data() + m * (a.K / a.ab), zsum.data() + m * a.G);
+  a.q = q.data();
+  a.sx = sx.data();
+  a.zsum = zsum.data();
+  a.M = M;
+  lmstack::parallel_rows(a.N, std::max<int64_t>(1, (int64_t{1} << 16) / a.K), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      switch (M) {
+        case 1: gemv_row<1>(a, o); break;
+        case 2: gemv_row<2>(a, o); break;
+        case 3: gemv_row<3>(a, o); break;
+        case 4: gemv_row<4>(a, o); break;
+        case 5: gemv_row<5>(a, o); break;
+        case 6: gemv_row<6>(a, o); break;
+        case 7: gemv_row<7>(a, o); break;
+        default: gemv_row<8>(a, o); break;
+      }
+    }
+  });
+}
+#endif
+
 at::Tensor quant_linear_a8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                            const c10::optional<at::Tensor>& zero, int64_t group_size, int64_t act_block,
                            const c10::optional<at::Tensor>& bias) {
@@ -182,7 +265,18 @@ at::Tensor quant_linear_a8(const at::Tensor& x, const at::Tensor& weight, const 
                 "quant_linear_a8: bias must be a contiguous (", N, ",) float32 tensor");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
+#ifdef LMSTACK_VNNI512
   if (M <= kGemvRows) {
+    std::vector<int8_t> q(M * K);
+    std::vector<float> sx(M * (K / act_block)), zsum(M * G);
+    A8 a{weight.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero ? zero->data_ptr<uint8_t>() : nullptr,
+         bias ? bias->data_ptr<float>() : nullptr, nullptr, nullptr, nullptr, y.data_ptr<float>(), M, N, K, G,
+         group_size, act_block};
+    gemv_rows(x.data_ptr<float>(), M, a, q, sx, zsum);
+    return y;
+  }
+#endif
+  if (M <= kGemvRowsX) {
     std::vector<int8_t> q1(K);
     std::vector<float> sx1(K / act_block), zs1(G);
     at::Tensor xh = at::empty({M, K}, x.options());

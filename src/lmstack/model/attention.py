@@ -185,9 +185,21 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttnContext, keep: Tensor | None = None) -> Tensor:
+        """x (B, T, C) -> (B, T, C). With `keep` (N,) flat indices b * T + t (plain causal
+        attention only): keys and values of every token still go to the cache, but only the
+        queries at those tokens attend and go through the output projection: -> (1, N, C) (the
+        last block of a Transformer.forward with prune_last_block). The qkv projection runs
+        whole, as a module (its hooks, quantized or wrapped linears see every token)."""
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        if keep is not None:
+            if not ctx.plain_causal:
+                raise ValueError("attention at kept queries only (keep=) needs plain causal attention: no ALiBi, "
+                                 "relative bias, segments or recorded probabilities")
+            if 2 * len(keep) > B * T:            # most tokens kept (decode, draft verification): the
+                y = self.forward(x, ctx)         # plain path, exactly what it computes, then those rows
+                return y.reshape(B * T, -1).index_select(0, keep).unsqueeze(0)
         q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
         if self.q_norm is not None:   # over head_dim: the same in either layout
@@ -198,8 +210,10 @@ class Attention(nn.Module):
             attend = getattr(ctx.cache, "attend", None)
             y = attend(self.layer_idx, q, k, v, ctx.positions, self.scale or D ** -0.5, ctx.window, ctx.cos,
                        ctx.sin) if attend is not None else None
-            if y is not None:
-                return self.proj(y)                                                   # y (B, T, H*D)
+            if y is not None:                                                         # y (B, T, H*D)
+                return self.proj(y if keep is None else y.reshape(B * T, -1).index_select(0, keep)[None])
+        if keep is not None:
+            return self._attend_kept(q.reshape(B * T, H, D).index_select(0, keep), k, v, ctx, keep)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H|KV, T, D)
         if ctx.cos is not None:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
@@ -214,6 +228,40 @@ class Attention(nn.Module):
         mask = ctx.mask_for(k_pos, q.dtype)
         y = _attend(q, k, v, mask, ctx, self.dropout if self.training else 0.0, self.scale, ctx.causal_fast)
         return self.proj(y)
+
+    def _attend_kept(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, keep: Tensor) -> Tensor:
+        """forward's keep path: q (N, H, D) at the kept tokens, k, v (B, T, KV, D) at every
+        token, all before RoPE -> (1, N, C). Each row's kept queries go into a (B, Tq) grid
+        (Tq: the most any row keeps; the grid's unused slots are padding queries) with the
+        causal mask of their positions; the keys and values go to the cache as in forward."""
+        B, T, KV, D = k.shape
+        H, dev = q.shape[1], keep.device
+        k, v = k.transpose(1, 2), v.transpose(1, 2)                                 # (B, KV, T, D)
+        if ctx.cos is not None:
+            k = apply_rope(k, ctx.cos, ctx.sin)
+        k_pos = ctx.positions
+        if ctx.cache is not None:
+            k, v, k_pos = ctx.cache.update(self.layer_idx, k, v, ctx.positions)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        row, t = keep // T, keep % T
+        counts = torch.bincount(row, minlength=B)
+        Tq = int(counts.max()) if len(keep) else 0
+        order = torch.argsort(row, stable=True)                      # keep in any order, repeats allowed
+        by_row = row.index_select(0, order)
+        slot = torch.empty_like(keep).index_copy_(0, order, by_row * Tq + torch.arange(len(keep), device=dev)
+                                                  - (counts.cumsum(0) - counts).index_select(0, by_row))
+        q_pos = torch.full((B * Tq,), -1, dtype=torch.long, device=dev)
+        q_pos = q_pos.index_copy_(0, slot, ctx.positions.reshape(-1).index_select(0, keep)).view(B, Tq)
+        q = q.new_zeros(B * Tq, H, D).index_copy_(0, slot, q).view(B, Tq, H, D).transpose(1, 2)   # (B, H, Tq, D)
+        if ctx.cos is not None:
+            t_grid = torch.zeros(B * Tq, dtype=torch.long, device=dev).index_copy_(0, slot, t).view(B, 1, Tq, 1)
+            rot = ctx.cos.shape[-1]
+            q = apply_rope(q, ctx.cos.gather(2, t_grid.expand(B, 1, Tq, rot)),
+                           ctx.sin.gather(2, t_grid.expand(B, 1, Tq, rot)))
+        mask = build_mask(q_pos, k_pos, ctx.mask_kind, ctx.window, dtype=q.dtype)
+        y = _attend(q, k, v, mask, ctx, self.dropout if self.training else 0.0, self.scale)    # (B, Tq, H*D)
+        return self.proj(y.reshape(B * Tq, H * D).index_select(0, slot).unsqueeze(0))
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: AttnContext, dropout_p: float,

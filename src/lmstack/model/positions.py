@@ -80,6 +80,11 @@ class RotaryEmbedding:
             cached = self._tables[device] = (emb.cos(), emb.sin())
         return cached
 
+    def tables(self, device: torch.device, length: int) -> tuple[Tensor, Tensor]:
+        """The whole cos, sin tables (L >= length, rotary_dim) float32, row p for position p
+        (a compiled decode step indexes them itself: infer/fused_decode.py)."""
+        return self._table(device, length)
+
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(B, T) positions -> cos, sin of shape (B, 1, T, rotary_dim) (broadcast over heads)."""
         cos, sin = self._table(positions.device, 0)

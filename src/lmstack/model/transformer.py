@@ -60,17 +60,34 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.n_expert else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttnContext, keep: Tensor | None = None) -> Tensor:
+        """x (B, T, C) -> (B, T, C); with `keep` (N,) flat indices b * T + t, only those rows
+        go on after the attention sublayers: (1, N, C). Exact, since everything after
+        attention is per token (Transformer.forward's prune_last_block); with plain causal
+        self-attention (pre-norm, no cross-attention) only those rows' queries attend too,
+        while every row's keys and values are computed (and cached)."""
         drop = _dropout_or_identity(self.drop, self.training)
+        if keep is not None and self.pre_norm and self.cross_attn is None and ctx.plain_causal:
+            # the kept rows' queries only: keys and values of every row still reach the cache
+            x = _rows(x, keep) + drop(self.attn(self.attn_norm(x), ctx, keep=keep))
+            return x + drop(self.mlp(self.mlp_norm(x)))
         if self.pre_norm:
             x = x + drop(self.attn(self.attn_norm(x), ctx))
             if self.cross_attn is not None:
                 x = x + drop(self.cross_attn(self.cross_norm(x), ctx))
+            x = x if keep is None else _rows(x, keep)
             return x + drop(self.mlp(self.mlp_norm(x)))
         x = self.attn_norm(x + drop(self.attn(x, ctx)))
         if self.cross_attn is not None:
             x = self.cross_norm(x + drop(self.cross_attn(x, ctx)))
+        x = x if keep is None else _rows(x, keep)
         return self.mlp_norm(x + drop(self.mlp(x)))
+
+
+def _rows(x: Tensor, keep: Tensor) -> Tensor:
+    """(B, T, C) -> (1, N, C): the rows at flat indices `keep` (a batch of one row, the
+    shape an MoE layer takes)."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, keep).unsqueeze(0)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -154,7 +171,7 @@ class Transformer(nn.Module):
     # ---- forward -------------------------------------------------------------------
     def forward(self, ids: Tensor, positions: Tensor | None = None, cache=None,
                 prefix_lens: Tensor | None = None, logits_indices: Tensor | None = None,
-                segment_ids: Tensor | None = None) -> Tensor:
+                segment_ids: Tensor | None = None, *, prune_last_block: bool = False) -> Tensor:
         """ids (B, T) long -> logits (B, T, vocab_size).
 
         positions (B, T) long: absolute position of each token, -1 = padding (default
@@ -170,19 +187,28 @@ class Transformer(nn.Module):
         segment_ids (B, T) long: which document of the row each token belongs to, when several
         are packed in one row (SFT packing); a token then attends only within its document.
         Positions alone cannot say this (two documents' positions overlap), so give both:
-        positions restarting at 0 for each document, and segment_ids. No cache."""
+        positions restarting at 0 for each document, and segment_ids. No cache.
+        prune_last_block (keyword, with logits_indices): the last block's MLP runs only at
+        those positions too, and with plain causal attention so do its queries (attention and
+        output projection); its keys and values are still computed at every position (a KV
+        cache keeps every key).
+        The same logits, and on a short model a good part of a prefill saved (4 blocks: the
+        MLP is ~2/3 of a block). Off by default: a linear that must see every token of the
+        forward (multi-LoRA rows, model/lora.py) cannot run on a subset."""
         x, ctx = self._embed(ids, positions, cache, prefix_lens, segment_ids=segment_ids)   # checks ids first
-        return self._run_blocks(x, ctx, logits_indices)
+        return self._run_blocks(x, ctx, logits_indices, prune_last_block)
 
-    def _run_blocks(self, x: Tensor, ctx: AttnContext, logits_indices: Tensor | None) -> Tensor:
+    def _run_blocks(self, x: Tensor, ctx: AttnContext, logits_indices: Tensor | None,
+                    prune_last_block: bool = False) -> Tensor:
         """The blocks, then the head (at logits_indices only, when given)."""
         B, T, C = x.shape
         if logits_indices is not None:  # before the blocks run: fail before the work
             _check_logits_indices(logits_indices, B * T)
-        for block in self.blocks:
-            x = block(x, ctx)
+        keep_at = len(self.blocks) - 1 if prune_last_block and logits_indices is not None else -1
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, logits_indices) if i == keep_at else block(x, ctx)
         if logits_indices is not None:
-            x = x.reshape(B * T, C).index_select(0, logits_indices)               # (N, C)
+            x = x.reshape(-1, C) if keep_at >= 0 else x.reshape(B * T, C).index_select(0, logits_indices)  # (N, C)
         return self.logits(self.norm_f(x))
 
     def logits(self, h: Tensor) -> Tensor:
