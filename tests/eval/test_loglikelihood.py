@@ -90,25 +90,33 @@ def test_shared_contexts_are_computed_once(tokenizer, batch_size):
     block = 8
     llm = tiny_llm(tokenizer, block_size=block)
     pairs = random_pairs(n_contexts=8, n_choices=4, seed=9)
+    pairs += [([13] + list(range(30, 50)), [60 + k]) for k in range(3)]      # only one-token choices
     before = llm.stats()["prompt_tokens"]
-    loglikelihood_tokens(llm, pairs, batch_size=batch_size)
+    got = loglikelihood_tokens(llm, pairs, batch_size=batch_size)
     computed = llm.stats()["prompt_tokens"] - before
     # One request leads each context and computes it; every other choice reuses the context's
     # whole blocks before its last token (whose logits score the first continuation token).
-    # With two or more one-token choices the leader is context + one of those tokens, scored
-    # over the whole vocabulary, and the other one-token choices cost nothing.
+    # Where a one-token choice meets others, the leader's first continuation position is
+    # scored over the whole vocabulary and the one-token choices cost nothing: the leader is
+    # a longer choice where there is one, else context + one of the one-token choices.
     want, kinds = 0, set()
     contexts = {tuple(c): [x for c2, x in pairs if c2 == c] for c, _ in pairs}
     for ctx, conts in contexts.items():
         reused = (len(ctx) - 1) // block * block
-        ones = [x for x in conts if len(x) == 1]
-        if len(ones) >= 2:
+        ones, longer = [x for x in conts if len(x) == 1], [x for x in conts if len(x) > 1]
+        if ones and longer:
+            kinds.add("a longer choice leads")
+            want += len(ctx) + len(longer[0]) + sum(len(ctx) + len(x) - reused for x in longer[1:])
+        elif len(ones) >= 2:
             kinds.add("one-token leader")
-            want += len(ctx) + 1 + sum(len(ctx) + len(x) - reused for x in conts if len(x) > 1)
+            want += len(ctx) + 1
         else:
             kinds.add("first pair leads")
             want += len(ctx) + len(conts[0]) + sum(len(ctx) + len(x) - reused for x in conts[1:])
-    assert kinds == {"one-token leader", "first pair leads"}         # both cases were exercised
+    assert kinds == {"a longer choice leads", "one-token leader", "first pair leads"}   # every case ran
+    want_scores = [plain_scores(llm.model, c, x) for c, x in pairs]
+    assert max(abs(x - y) for (x, _), (y, _) in zip(got, want_scores)) < 1e-4
+    assert [g for _, g in got] == [g for _, g in want_scores]
     naive = sum(len(c) + len(x) for c, x in pairs)
     assert computed == want < naive
 
@@ -128,6 +136,23 @@ def test_contexts_sharing_a_prefix_compute_it_once(tokenizer, batch_size):
     assert computed == 40 + 2 * (16 + 8)
     want = [plain_scores(llm.model, c, x) for c, x in pairs]
     assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) < 1e-4
+    assert [g for _, g in got] == [g for _, g in want]
+
+
+def test_nested_shared_prefixes_are_each_computed_once(tokenizer):
+    """Contexts whose shared prefixes nest (a token trie): each waits for the first context
+    holding its longest shared prefix, not only for the first of their run."""
+    block, a, b = 8, list(range(5, 21)), list(range(40, 48))        # A: 2 whole blocks, A + B: 3
+    contexts = [a + list(range(30, 40)), a + b + list(range(60, 70)), a + b + list(range(70, 80))]
+    pairs = [(c, [85, 86]) for c in contexts]
+    llm = tiny_llm(tokenizer, block_size=block)
+    before = llm.stats()["prompt_tokens"]
+    got = loglikelihood_tokens(llm, pairs, batch_size=8)
+    computed = llm.stats()["prompt_tokens"] - before
+    # the first whole; the second finds A (16) cached; the third finds A + B (24) of the second
+    assert computed == (26 + 2) + (36 - 16) + (36 - 24)
+    want = [plain_scores(llm.model, c, x) for c, x in pairs]
+    assert max(abs(x - y) for (x, _), (y, _) in zip(got, want)) < 1e-4
     assert [g for _, g in got] == [g for _, g in want]
 
 

@@ -116,6 +116,15 @@ def test_dense_and_hybrid_retrievers(tok, index):
     hybrid = HybridRetriever([BM25Retriever(dense_index), dense]).search(Q, k=3)
     bm = [h.position for h in BM25Retriever(dense_index).search(Q, k=50)]
     assert [h.position for h in hybrid] == [i for i, _ in rrf([bm, [h.position for h in hits]])][:3]
+    # gated by BM25: the same fusion where BM25 finds something, nothing where it finds nothing
+    bm25 = BM25Retriever(dense_index, min_score=0.5)
+    gated = HybridRetriever([bm25, dense], gate=bm25)
+    assert [h.position for h in gated.search(Q, k=3)] == \
+        [h.position for h in HybridRetriever([bm25, dense]).search(Q, k=3)]
+    assert bm25.search("zebra xylophone", k=3) == [] and gated.search("zebra xylophone", k=3) == []
+    assert HybridRetriever([bm25, dense]).search("zebra xylophone", k=3)      # ungated: the cosine's nearest
+    with pytest.raises(LmstackError, match="gate"):
+        HybridRetriever([dense], gate=bm25)
     with pytest.raises(LmstackError, match="another model"):
         DenseRetriever(dense_index, DenseEncoder(tiny_model(3, vocab_size=257, context_length=256), tok))
     with pytest.raises(LmstackError, match="no embeddings"):

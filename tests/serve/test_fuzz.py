@@ -29,7 +29,8 @@ from tests.serve.conftest import CONTEXT, MAX_N, train_tokenizer
 # The spec the session server publishes (checked below), built before it starts: the
 # generic spec (the engine is only built at startup) plus that server's limits.
 SPEC = publish_limits(create_app("spec-only").openapi(),
-                      {"max_n": MAX_N, "token_id": train_tokenizer().n_vocab - 1, "max_tokens": CONTEXT - 1})
+                      {"max_n": MAX_N, "token_id": train_tokenizer().n_vocab - 1, "max_tokens": CONTEXT - 1,
+                       "retrieval": {"enum": [False, None]}})      # (a server without an index)
 schema = schemathesis.openapi.from_dict(SPEC)
 
 

@@ -65,7 +65,7 @@ def client(scripted):
 
 def ask(client, messages, tools, stream: bool, **kw):
     """(content, tool_calls as dicts, finish_reason, streamed content deltas)."""
-    args = dict(model="scripted", messages=messages, tools=tools, max_tokens=120, temperature=0, **kw)
+    args = dict(model="scripted", messages=messages, tools=tools, **{"max_tokens": 120, "temperature": 0, **kw})
     if not stream:
         c = client.chat.completions.create(**args).choices[0]
         calls = [t.model_dump() for t in c.message.tool_calls] if c.message.tool_calls else []
@@ -112,6 +112,27 @@ def test_calls_come_back_as_tool_calls_streamed_and_not(scripted, client, reply,
     # Text streamed before the model's call was known; never a tag, never retracted.
     for d in streamed[3]:
         assert "<calc>" not in d and "<tool_call>" not in d
+
+
+BAD_CALLS = [    # (reply, max_tokens, finish_reason): none is a call of a declared tool
+    ('Checking. <tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', 120, "stop"),  # bad JSON
+    ('<tool_call>{"name": "get_weather", "arguments": "Tinar"}</tool_call>', 120, "stop"),     # args not an object
+    ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', 120, "stop"),             # undeclared tool
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "Ti', 40, "length"),            # cut off mid-call
+]
+
+
+@pytest.mark.parametrize("reply,max_tokens,finish", BAD_CALLS)
+def test_a_malformed_call_is_kept_as_content_streamed_and_not(scripted, client, reply, max_tokens, finish):
+    """vLLM's Hermes parser: a <tool_call> it cannot parse gives no tool_calls and the model's
+    text as content, finish_reason unchanged. The client sees what the model wrote (to log,
+    show or retry) and never a call it would have to guess the arguments of."""
+    say(scripted[1], USER, reply, [WEATHER])
+    full = ask(client, USER, [WEATHER], stream=False, max_tokens=max_tokens)
+    streamed = ask(client, USER, [WEATHER], stream=True, max_tokens=max_tokens)
+    want = reply[:max_tokens].strip()              # the byte tokenizer: one token per character
+    assert full[:3] == (want, [], finish)
+    assert streamed[:3] == (want, [], finish)
 
 
 def test_without_tools_or_with_tool_choice_none_the_text_is_content(scripted, client):

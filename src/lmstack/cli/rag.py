@@ -41,8 +41,9 @@ class RagIndexOptions:
 @dataclass
 class RagAskOptions:
     mode: str = field(default="auto", metadata={
-        "help": "auto (= bm25: the best recall and abstention on tinyworld's KB, see benchmarks/bench_rag.py) | "
-                "bm25 | dense | hybrid (RRF of both) | none (closed book)"})
+        "help": "auto (bm25: the best recall and abstention on tinyworld's KB, see benchmarks/bench_rag.py; for an "
+                "index embedded by a trained encoder (--encoder-steps), hybrid with that encoder, abstaining when "
+                "BM25 finds nothing) | bm25 | dense | hybrid (RRF of both) | none (closed book)"})
     k: int = field(default=3, metadata={"help": "chunks put in the prompt"})
     bm25_min_score: float | None = field(default=0.85, metadata={
         "help": "BM25 relevance floor: below it a chunk is not relevant (all below: abstain); on tinyworld's "
@@ -114,13 +115,15 @@ def _index_with_encoder(args, opts: RagIndexOptions, docs, model, tok) -> int:
 def make_retriever(mode: str, index, llm, opts: RagAskOptions, index_dir: str | None = None):
     """The retriever a mode names (None for closed book). `index_dir`: where an index embedded
     by a trained encoder keeps it (IDX/encoder)."""
-    from lmstack.rag import BM25Retriever, DenseRetriever, HybridRetriever
+    from lmstack.rag import BM25Retriever, ContrastiveEncoder, DenseRetriever, HybridRetriever
     from lmstack.rag.contrastive import query_encoder
 
     if mode not in MODES:
         raise LmstackError(f"unknown --mode {mode!r}; valid: {', '.join(MODES)}")
-    if mode == "auto":
-        mode = "bm25"
+    trained = (index.encoder or {}).get("kind") == ContrastiveEncoder.kind
+    auto = mode == "auto"
+    if auto:
+        mode = "hybrid" if trained else "bm25"
     if mode == "none":
         return None
     bm25 = BM25Retriever(index, opts.bm25_min_score)
@@ -128,7 +131,11 @@ def make_retriever(mode: str, index, llm, opts: RagAskOptions, index_dir: str | 
         return bm25
     encoder = query_encoder(index_dir or ".", index, llm.model, llm.tokenizer)
     dense = DenseRetriever(index, encoder, opts.dense_min_score)
-    return dense if mode == "dense" else HybridRetriever([bm25, dense])
+    if mode == "dense":
+        return dense
+    # auto: BM25's floor decides whether anything is relevant (the encoder's cosine has no
+    # calibrated one), the fusion decides the order
+    return HybridRetriever([bm25, dense], gate=bm25 if auto else None)
 
 
 def _ask(args) -> int:

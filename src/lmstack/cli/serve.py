@@ -7,6 +7,7 @@
     lmstack serve runs/a --log-requests logs/req.jsonl --log-sample 0.1 --shadow runs/b   # then:
     lmstack eval compare logs/req.jsonl
     lmstack serve runs/a --log-requests logs/req.jsonl --ab-model runs/b --ab-percent 20
+    lmstack serve runs/chat --rag-index idx             # chat answers from an index, with `sources`
 
 With --lora, clients pick an adapter by its name in the request's `model` field (the base
 keeps its own name); /v1/models lists them all. Each folder is a PEFT adapter for this base
@@ -21,6 +22,13 @@ sampled requests and answers to a JSONL file; --shadow answers them too with ano
 logged and never returned; --ab-model answers --ab-percent of the requests (split by a hash
 of the client's X-Request-Id, so a retry lands on the same model). Both extra models must
 share the served model's tokenizer.
+
+With --rag-index IDX (made by `lmstack rag index`), a chat request's last user message is
+answered from the chunks retrieved for it, listed in the response's `sources`; nothing
+relevant retrieved: an abstention, the model not asked (lmstack.serve.retrieval). The
+retriever is `lmstack rag ask`'s for --rag-mode: auto is BM25, or for an index embedded by
+a trained encoder (--encoder-steps) that encoder fused with BM25 (IDX/encoder embeds the
+queries). A request sends "retrieval": false to be answered without.
 
 Binds to loopback unless --host says otherwise; a non-loopback host without --api-key
 gets a warning, because anyone who can reach the port can then use the model.
@@ -68,6 +76,13 @@ class ServeOptions:
     ab_model: str | None = field(default=None, metadata={"help": "model folder that answers --ab-percent of "
                                                                  "the requests (an A/B split)"})
     ab_percent: float = field(default=0.0, metadata={"help": "percentage of requests answered by --ab-model"})
+    rag_index: str | None = field(default=None, metadata={"help": "answer chat requests from this index "
+                                                                   "(lmstack rag index), sources in the response"})
+    rag_mode: str = field(default="auto", metadata={"help": "auto | bm25 | dense | hybrid (as lmstack rag ask "
+                                                            "--mode; auto uses the index's trained encoder)"})
+    rag_k: int = field(default=3, metadata={"help": "chunks put in the prompt"})
+    rag_bm25_min_score: float | None = field(default=0.85, metadata={"help": "BM25 relevance floor (as lmstack "
+                                                                             "rag ask --bm25-min-score)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
 
@@ -122,6 +137,20 @@ def _production(opts: ServeOptions):
                       ab_percent=opts.ab_percent)
 
 
+def _retrieval(opts: ServeOptions, engine):
+    """The index's retriever as the server takes it (lmstack.rag.ServerRetrieval), or None."""
+    if opts.rag_index is None:
+        return None
+    from lmstack.cli.rag import RagAskOptions, make_retriever
+    from lmstack.rag import Index, ServerRetrieval
+
+    if opts.rag_mode == "none":
+        raise LmstackError("--rag-mode none answers without retrieval; leave out --rag-index instead")
+    ask = RagAskOptions(mode=opts.rag_mode, k=opts.rag_k, bm25_min_score=opts.rag_bm25_min_score)
+    index = Index.load(opts.rag_index)
+    return ServerRetrieval(make_retriever(opts.rag_mode, index, engine, ask, opts.rag_index), k=opts.rag_k)
+
+
 def handler(args) -> int:
     opts: ServeOptions = build_options(ServeOptions, args)
     model_dir = Path(args.model)
@@ -154,9 +183,10 @@ def handler(args) -> int:
         template = ChatTemplate.from_pretrained(model_dir, opts.chat_template)
         production = _production(opts)
         engine = AsyncLLM(str(model_dir), lora=lora, **engine_kwargs(opts))
+        retrieval = _retrieval(opts, engine)
         if production is not None:      # build and check the extra models now: errors are one line
             production.start(engine, engine_kwargs(opts))
-        app = create_app(engine, production=production, engine_kwargs=engine_kwargs(opts),
+        app = create_app(engine, production=production, retrieval=retrieval, engine_kwargs=engine_kwargs(opts),
                          api_key=opts.api_key, max_n=min(opts.max_n, opts.max_num_seqs),
                          max_body_bytes=opts.max_body_bytes, served_model_name=served_name,
                          max_attention_tokens=opts.max_attention_tokens,

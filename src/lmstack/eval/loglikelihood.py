@@ -37,13 +37,16 @@ engine returns log p(token | everything before) for those tokens, and its prefix
 serve the context's full KV blocks. Requests admitted in one step cannot share blocks, so a
 request that reuses another's prefix is sent one engine call later:
 * each context has a leader that computes it; its other choices follow in the next call and
-  recompute only the part of the context's last block before the continuation. Where two or
-  more choices are one token long (answers like " Paris"), the leader is context + one of
-  them with the whole vocabulary scored at that position (`prompt_logprobs=-1`), which
-  answers all of them at once: lm-eval's logits cache does the same;
-* contexts are sorted, and those sharing at least one full block with the first of their
-  run (few-shot prompts that open alike) follow it one call later, finding the shared blocks
-  cached;
+  recompute only the part of the context's last block before the continuation. Where a
+  choice is one token long (answers like " Paris") and others are too, or are longer, the
+  leader scores the whole vocabulary at the first continuation position
+  (`prompt_logprobs=-1`), which answers every one-token choice at once (lm-eval's logits
+  cache does the same): the leader is a longer choice's own request where there is one,
+  else context + one of the one-token choices;
+* contexts are sorted, and each that shares at least one full block with an earlier one
+  (few-shot prompts that open alike) follows the first context holding its longest shared
+  prefix, one call later, finding those blocks cached: each distinct prefix is computed about
+  once (a token trie of the contexts), the last partial block aside;
 * each call takes the ready requests that compute the most tokens, and only those within
   1/8 of the first (or 8 tokens), so rows of one forward pass have similar lengths (little
   padding); `batch_size` caps the requests per call.
@@ -80,8 +83,8 @@ class TextRules:
     def encode(self, text: str) -> list[int]:
         return encode(self.tokenizer, text, self.bos)
 
-    def pair(self, context: str, continuation: str) -> TokenPair:
-        return encode_pair(self.tokenizer, context, continuation, self.prefix_token, self.bos)
+    def pair(self, context: str, continuation: str, memo: dict[str, list[int]] | None = None) -> TokenPair:
+        return encode_pair(self.tokenizer, context, continuation, self.prefix_token, self.bos, memo)
 
 
 def as_llm(model, **engine_kwargs):
@@ -159,8 +162,9 @@ def encode(tokenizer, text: str, bos: int | None = None) -> list[int]:
 
 
 def encode_pair(tokenizer, context: str, continuation: str, prefix_token: int,
-                bos: int | None = None) -> TokenPair:
-    """(context ids, continuation ids) by lm-eval's rule (module docstring)."""
+                bos: int | None = None, memo: dict[str, list[int]] | None = None) -> TokenPair:
+    """(context ids, continuation ids) by lm-eval's rule (module docstring). `memo`: a dict
+    that keeps each context's ids, so the choices of one question encode it once."""
     if context == "":
         cont = encode(tokenizer, continuation)          # HFLM: add_special_tokens=False here
         if cont and cont[0] == prefix_token:
@@ -170,7 +174,11 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_token: int,
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = encode(tokenizer, context + continuation, bos)
-    ctx = encode(tokenizer, context, bos)
+    ctx = memo.get(context) if memo is not None else None
+    if ctx is None:
+        ctx = encode(tokenizer, context, bos)
+        if memo is not None:
+            memo[context] = ctx
     return ctx, whole[len(ctx):]
 
 
@@ -226,20 +234,46 @@ def _plan_requests(prompts, block: int) -> list["_Request"]:
 
     A request whose prefix another computes waits for it: it is admitted in a later engine
     call, when those blocks are in the prefix cache (requests admitted together cannot share
-    them). Contexts of one cluster wait for its first; a context's other choices wait for its
-    leader."""
+    them). A context waits for the one that holds its longest shared prefix (`_parents`); a
+    context's other choices wait for its leader."""
     groups: dict[tuple, list[int]] = {}                 # context ids -> its pairs, in order
     for i, p in enumerate(prompts):
         if p is not None:
             groups.setdefault(tuple(p[0][:p[1]]), []).append(i)
+    contexts = sorted(groups)
+    leads = [_plan(groups[c], prompts, block) for c in contexts]
     roots = []
-    for first, members in _clusters(sorted(groups), block):
-        lead = _plan(groups[first], prompts, block)
-        for m in members:
-            lead.then.append(_plan(groups[m], prompts, block))
-            lead.then[-1].cached = min(_common(first, m), len(m) - 1) // block * block
-        roots.append(lead)
+    for i, (parent, cached) in enumerate(_parents(contexts, block)):
+        if parent is None:
+            roots.append(leads[i])
+        else:
+            leads[i].cached = cached
+            leads[parent].then.append(leads[i])
     return roots
+
+
+def _parents(contexts: list[tuple], block: int) -> list[tuple[int | None, int]]:
+    """Sorted contexts -> (index of the context it waits for or None, tokens it finds cached).
+
+    The longest prefix a context shares with any context before it in sorted order is the
+    one it shares with the context just before it; counted in whole KV blocks (and leaving its
+    last token to compute), that is what the prefix cache can serve. Of the contexts that hold
+    that prefix, it waits for the first, so that chains stay as short as the prefixes nest
+    (few-shot prompts: one level per shared example), not as long as the list."""
+    out: list[tuple[int | None, int]] = []
+    shared = [0] * len(contexts)                        # shared[i]: common prefix of i-1 and i
+    for i, c in enumerate(contexts):
+        if i:
+            shared[i] = _common(contexts[i - 1], c)
+        cached = min(shared[i], len(c) - 1) // block * block
+        if cached == 0:
+            out.append((None, 0))
+            continue
+        j = i - 1
+        while j > 0 and shared[j] >= cached:            # contexts[j - 1] holds the prefix too
+            j -= 1
+        out.append((j, cached))
+    return out
 
 
 def _common(a: tuple, b: tuple) -> int:
@@ -249,22 +283,11 @@ def _common(a: tuple, b: tuple) -> int:
     return n
 
 
-def _clusters(contexts: list[tuple], block: int) -> list[tuple[tuple, list[tuple]]]:
-    """Sorted contexts -> [(first, the others that share >= one full KV block with it)]:
-    the first is computed one call before the others, which find that prefix cached."""
-    out = []
-    for c in contexts:
-        if out and len(c) > block and c[:block] == out[-1][0][:block]:
-            out[-1][1].append(c)
-        else:
-            out.append((c, []))
-    return out
-
-
 @dataclass
 class _Request:
     """One engine request: `prompt` scored from position `start`; `pairs` are the pairs it
-    scores (a leader with `full` scores every one-token choice of its context from one row);
+    scores (a leader with `full` scores every one-token choice of its context from one row,
+    and its own longer one, first in `pairs`, if it has one);
     `then`: the requests that reuse its blocks, admitted after it; `cached`: the tokens the
     prefix cache is expected to serve, so `cost` is the tokens it computes."""
     prompt: list[int]
@@ -280,18 +303,23 @@ class _Request:
 
 
 def _plan(members: list[int], prompts, block: int) -> _Request:
-    """The leader of one context's pairs, the others in its `then`. With two or more one-token
-    continuations the leader is context + one of those tokens, scored over the whole
-    vocabulary: it answers all of them (lm-eval's logits cache does the same); each longer
-    continuation is a request of its own. Otherwise the first pair leads. The others find the
-    context's whole blocks before its last token cached."""
+    """The leader of one context's pairs, the others in its `then`. Where one-token
+    continuations and others meet (two or more one-token ones, or one and a longer one), the
+    leader's row at the first continuation position is scored over the whole vocabulary: it
+    answers every one-token continuation (lm-eval's logits cache does the same). That leader
+    is the first longer continuation's own request (it scores itself too), else context + one
+    of the one-token continuations; each other longer continuation is a request of its own.
+    Otherwise the first pair leads. The others find the context's whole blocks before its
+    last token cached."""
     ids, start = prompts[members[0]]
     reuse = (start - 1) // block * block
-    ones = [i for i in members if len(prompts[i][0]) - prompts[i][1] == 1]
-    longer = [_Request(*prompts[i], [i], cached=reuse) for i in members if i not in ones]
-    if len(ones) >= 2:
-        return _Request(ids[:start] + [prompts[ones[0]][0][-1]], start, ones, full=True, then=longer)
-    alone = [_Request(*prompts[i], [i], cached=reuse) for i in ones] + longer
+    ones = [i for i in members if len(prompts[i][0]) - start == 1]
+    longer = [i for i in members if len(prompts[i][0]) - start > 1]
+    if ones and (longer or len(ones) >= 2):
+        prompt = prompts[longer[0]][0] if longer else ids[:start] + [prompts[ones[0]][0][-1]]
+        return _Request(prompt, start, longer[:1] + ones, full=True,
+                        then=[_Request(*prompts[i], [i], cached=reuse) for i in longer[1:]])
+    alone = [_Request(*prompts[i], [i], cached=reuse) for i in members]
     alone[0].cached = 0
     alone[0].then = alone[1:]
     return alone[0]
@@ -311,6 +339,9 @@ def _run(llm, requests: list[_Request], prompts, results) -> None:
             continue
         row = out.prompt_logprobs[r.start]                      # every token of the vocabulary
         for i in r.pairs:
+            if len(prompts[i][0]) - r.start > 1:                 # the leader's own longer continuation
+                results[i] = _score(out, r.prompt, r.start)
+                continue
             lp = row[prompts[i][0][-1]]
             results[i] = (lp.logprob, lp.rank == 1)
 
@@ -332,11 +363,11 @@ def loglikelihood(model, pairs: Sequence[Pair], batch_size: int = 16) -> list[tu
     empty contexts and truncation follow lm-eval's HFLM (module docstring); `batch_size`
     (requests per engine call) changes the speed, and the numbers only in float32 rounding."""
     llm, rules = as_llm(model)
-    token_pairs = []
+    token_pairs, contexts = [], {}
     for i, pair in enumerate(pairs):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
             raise LmstackError(f"pairs[{i}] must be a (context, continuation) pair of strings, got {pair!r:.80}")
-        token_pairs.append(rules.pair(pair[0], pair[1]))
+        token_pairs.append(rules.pair(pair[0], pair[1], contexts))
     return loglikelihood_tokens(llm, token_pairs, batch_size)
 
 

@@ -53,12 +53,16 @@ class Answer:
         return [self.hits[n - 1].chunk for n in self.citations if 1 <= n <= len(self.hits)]
 
 
+def render_context(texts: list[str]) -> str:
+    """'Context: [1] <text 1> [2] <text 2>': the retrieved chunks numbered in rank order."""
+    return "Context: " + " ".join(f"[{i}] {t.strip()}" for i, t in enumerate(texts, start=1))
+
+
 def render_prompt(question: str, hits: list[Hit]) -> str:
     """The grounded prompt; `question` is 'Q: ...\\nA: ...' or a bare question."""
     if not question.lstrip().startswith("Q:"):
         question = f"Q: {question.strip()}\nA:"
-    context = " ".join(f"[{i}] {h.chunk.text.strip()}" for i, h in enumerate(hits, start=1))
-    return f"Context: {context}\n{question}" if hits else question
+    return f"{render_context([h.chunk.text for h in hits])}\n{question}" if hits else question
 
 
 def fit_prompt(llm, question: str, hits: list[Hit], max_tokens: int) -> tuple[str, list[Hit]]:

@@ -101,19 +101,26 @@ def rrf(rankings: list[list[int]], k: int = RRF_K) -> list[tuple[int, float]]:
 
 
 class HybridRetriever:
+    """RRF of several retrievers. `gate`: one of them whose finding nothing means nothing is
+    relevant (the search returns no hit, so grounded generation abstains), for a fusion with
+    a retriever that has no calibrated floor: a cosine always has a nearest chunk."""
     name = "hybrid"
 
-    def __init__(self, retrievers: list, k_rrf: int = RRF_K, depth: int = 50):
+    def __init__(self, retrievers: list, k_rrf: int = RRF_K, depth: int = 50, gate=None):
         if not retrievers:
             raise LmstackError("HybridRetriever needs at least one retriever")
         if len({id(r.index) for r in retrievers}) != 1:
             raise LmstackError("the retrievers of a HybridRetriever must search the same index")
-        self.retrievers, self.k_rrf, self.depth = retrievers, k_rrf, depth
+        if gate is not None and not any(r is gate for r in retrievers):
+            raise LmstackError("the gate of a HybridRetriever must be one of its retrievers")
+        self.retrievers, self.k_rrf, self.depth, self.gate = retrievers, k_rrf, depth, gate
         self.index = retrievers[0].index
 
     def search(self, query: str, k: int = 3) -> list[Hit]:
         _check_k(k)
         rankings = [[h.position for h in r.search(query, max(k, self.depth))] for r in self.retrievers]
+        if self.gate is not None and not rankings[next(i for i, r in enumerate(self.retrievers) if r is self.gate)]:
+            return []
         fused = rrf(rankings, self.k_rrf)[:k]
         return [Hit(self.index.chunks[i], s, r + 1, i) for r, (i, s) in enumerate(fused)]
 

@@ -13,7 +13,8 @@ outputs are turned into either one JSON response or a stream of server-sent even
     data: [DONE]\\n\\n
 
 Streaming, failures and disconnects are handled in generation.py; tool calls (chat `tools`
-in, `tool_calls` out) in tools.py. /v1/completions with `echo` and `logprobs` also returns
+in, `tool_calls` out) in tools.py; answers grounded in a retrieval index (a server started
+with one; `sources` in the response) in retrieval.py. /v1/completions with `echo` and `logprobs` also returns
 the prompt's log-probs (first one null), and `max_tokens: 0` with `echo` scores the prompt
 alone, as lm-eval's OpenAI backend asks. When the server has a `Production` (production.py),
 `route` picks each request's A/B arm from its key (header X-Request-Id, echoed back with
@@ -31,7 +32,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from lmstack.serve import convert
-from lmstack.serve import generation, tools
+from lmstack.serve import generation, retrieval, tools
 from lmstack.serve.errors import APIError
 from lmstack.serve.metrics import ServerMetrics
 from lmstack.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -49,6 +50,7 @@ class ServeState:
     chat_template: Any = None        # lmstack.tokenizer.chat_template.ChatTemplate, or None
     lora_names: list[str] = field(default_factory=list)   # LoRA adapters served over the base
     production: Any = None           # production.Production: request log, shadow, A/B split; or None
+    retrieval: Any = None            # what answers chat with retrieval (retrieval.py), or None
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -250,14 +252,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
     _refuse_unsupported(body)
     tool_defs = tools.active_tools(body)
-    ids = await asyncio.to_thread(convert.chat_prompt_ids, body.messages, s.tokenizer, s.chat_template,
-                                  [t.model_dump(exclude_none=True) for t in body.tools or []])
+    tool_json = [t.model_dump(exclude_none=True) for t in body.tools or []]
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if body.max_tokens is not None and body.max_tokens >= s.limits.context_length:   # shadowed, still checked
         raise APIError(400, f"max_tokens={body.max_tokens} can never fit this model's context of "
                             f"{s.limits.context_length} tokens; set max_tokens <= {s.limits.context_length - 1}",
                        param="max_tokens", code="context_length_exceeded")
+    grounding = await retrieval.ground(s, body, tool_json, requested) if retrieval.wanted(s, body) else None
+    if grounding is not None and grounding.abstained:
+        return retrieval.abstention(s, body, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), model)
+    ids = grounding.ids if grounding is not None else \
+        await asyncio.to_thread(convert.chat_prompt_ids, body.messages, s.tokenizer, s.chat_template, tool_json)
+    sources = {} if grounding is None else {"sources": grounding.sources}    # the chunks the model read
     max_tokens = convert.resolve_max_tokens(requested, len(ids), s.limits, param)
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = convert.sampling_params(body, max_tokens, s.limits, logprobs=k,
@@ -283,11 +290,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             if include_usage:
                 head["usage"] = None
 
-            def chunk(idx, delta, finish=None, lp=None):
-                return generation.sse({**head, "choices": [{"index": idx, "delta": delta, "logprobs": lp,
-                                                            "finish_reason": finish}]})
+            def chunk(idx, delta, finish=None, lp=None, extra=None):
+                return generation.sse({**head, **(extra or {}), "choices": [{"index": idx, "delta": delta,
+                                                                             "logprobs": lp, "finish_reason": finish}]})
             for i in range(body.n):
-                yield chunk(i, {"role": "assistant", "content": ""})
+                yield chunk(i, {"role": "assistant", "content": ""}, extra=sources if i == 0 else None)
             async for idx, delta, tids, lps, finish in run.events():
                 parser = parsers[idx]
                 if parser is not None:
@@ -324,4 +331,4 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                         "finish_reason": finish})
     log_answer(s, r, run)
     return with_route(JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                                    "choices": choices, "usage": run.usage()}), r, s)
+                                    "choices": choices, "usage": run.usage(), **sources}), r, s)

@@ -144,7 +144,7 @@ def create_app(engine_or_path: Any, *, api_key: str | None = None, max_n: int = 
                max_body_bytes: int = 1 << 20, served_model_name: str | None = None,
                max_attention_tokens: int = 64, max_tokenize_tokens: int = 8192,
                chat_template: Any = None, engine_kwargs: dict | None = None,
-               lora: dict | None = None, production: Any = None) -> FastAPI:
+               lora: dict | None = None, production: Any = None, retrieval: Any = None) -> FastAPI:
     """Build the app. `engine_or_path`: a run dir / HF dir (an AsyncLLM is built at startup
     with `engine_kwargs` and the LoRA adapters `lora` = {name: PEFT folder}; a folder that does
     not fit fails the startup, before the server listens), or an engine object with
@@ -152,7 +152,9 @@ def create_app(engine_or_path: Any, *, api_key: str | None = None, max_n: int = 
     `chat_template`: a `ChatTemplate` for /v1/chat/completions; by default a folder's own
     (tokenizer_config.json), else lmstack's template when the tokenizer has its tokens.
     `production`: a `lmstack.serve.production.Production` (request log, shadow model, A/B
-    split); its extra models are built (from folders) and checked at startup."""
+    split); its extra models are built (from folders) and checked at startup.
+    `retrieval`: what answers chat requests from an index (serve/retrieval.py's shape, e.g.
+    `lmstack.rag.ServerRetrieval`), or None."""
     if max_n < 1 or max_body_bytes < 1024 or max_tokenize_tokens < 1:
         raise ValueError(f"max_n and max_tokenize_tokens must be >= 1 and max_body_bytes >= 1024, got {max_n}, "
                          f"{max_tokenize_tokens} and {max_body_bytes}")
@@ -187,7 +189,7 @@ def create_app(engine_or_path: Any, *, api_key: str | None = None, max_n: int = 
             production.start(engine, engine_kwargs)
         app.state.lm = api.ServeState(engine=engine, tokenizer=tokenizer, model_name=name, limits=limits,
                                       metrics=metrics, chat_template=chat_template, lora_names=lora_names,
-                                      production=production)
+                                      production=production, retrieval=retrieval)
         log.info("serving %s (context %d, vocab %d)%s", name, limits.context_length, limits.n_vocab,
                  f" with LoRA adapters {lora_names}" if lora_names else "")
         try:
@@ -213,7 +215,8 @@ def create_app(engine_or_path: Any, *, api_key: str | None = None, max_n: int = 
         if lm is None:         # no model loaded yet: the limits stay markers
             return generic_openapi()
         return publish_limits(generic_openapi(), {"max_n": lm.limits.max_n, "token_id": lm.limits.n_vocab - 1,
-                                                  "max_tokens": lm.limits.context_length - 1})
+                                                  "max_tokens": lm.limits.context_length - 1,
+                                                  "retrieval": {} if lm.retrieval else {"enum": [False, None]}})
 
     app.openapi = openapi
 

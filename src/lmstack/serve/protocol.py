@@ -65,16 +65,18 @@ def _limited(kind: str) -> dict:
     return {LIMIT: kind}
 
 
-def publish_limits(spec: dict, bounds: dict[str, int]) -> dict:
+def publish_limits(spec: dict, bounds: dict[str, int | dict]) -> dict:
     """A copy of the OpenAPI `spec` with every `x-lmstack-limit` marker replaced by the
-    `maximum` it stands for (`bounds`: max_n, token_id, max_tokens)."""
+    `maximum` it stands for (`bounds`: max_n, token_id, max_tokens), or by the schema keywords
+    a dict bound holds (retrieval: {"enum": [false, null]} on a server without an index)."""
     spec = copy.deepcopy(spec)
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
             kind = node.pop(LIMIT, None)
             if kind in bounds:
-                node["maximum"] = bounds[kind]
+                bound = bounds[kind]
+                node.update(bound if isinstance(bound, dict) else {"maximum": bound})
             for v in node.values():
                 walk(v)
         elif isinstance(node, list):
@@ -240,6 +242,11 @@ class ChatCompletionRequest(_SamplingRequest):
     response_format: dict[str, Any] | None = Field(
         None, json_schema_extra={"properties": {"type": {"const": "text"}}, "required": ["type"]},
         description='Only {"type": "text"}: no JSON mode or JSON schema (constrained decoding) yet.')
+    retrieval: bool | None = Field(
+        None, json_schema_extra=_limited("retrieval"),
+        description="lmstack: on a server started with an index (--rag-index), false answers without retrieval "
+                    "(default: the last user message is answered from the retrieved chunks, listed in the "
+                    "response's `sources`); true on a server without one is a 400.")
 
 
 # ---------------------------------------------------------------- responses
@@ -316,6 +323,15 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
+class Source(BaseModel):
+    index: int                       # the [n] of the prompt that listed it
+    doc_id: str
+    start: int                       # character span of the chunk in its document
+    end: int
+    text: str
+    score: float                     # the retriever's (BM25, cosine or fused rank score)
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -323,6 +339,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    sources: list[Source] | None = Field(None, description="lmstack, with retrieval: the chunks the model read")
 
 
 class ModelCard(BaseModel):

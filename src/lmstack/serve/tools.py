@@ -18,9 +18,14 @@ The answer (the same streamed and not): a choice with calls has `finish_reason:
 none); no call tag reaches the content. Content is trimmed of surrounding whitespace
 whenever tools are active, which is what lets a stream send text before it knows whether
 a call follows: it holds back only an unfinished tag (or the start of one) and trailing
-whitespace, and every prefix it sent is a prefix of the final content. A tag that is not a
-valid call of a declared tool (unknown name, arguments that are not a JSON object) stays
-in the content as the model wrote it, as the parser leaves it.
+whitespace, and every prefix it sent is a prefix of the final content.
+
+A malformed call (a body that is not JSON, arguments that are not an object, a tool the
+request did not declare, a tag cut off by max_tokens) is not a call: no `tool_calls`, the
+finish_reason generation gave ("stop", or "length"), and the tag stays in the content as
+the model wrote it, streamed and not. That is what vLLM's Hermes parser does with JSON it
+cannot load: the client sees the model's text (to show, log or retry) and never a call
+whose arguments the server had to guess; an error field would be one no OpenAI client reads.
 
 Earlier turns: an assistant message's `tool_calls` and the `role: "tool"` answers are
 rendered for the model. A Jinja template gets them as transformers passes them (arguments
