@@ -33,7 +33,8 @@ $(STAMP): pyproject.toml
 # time, never a failed install; the stamp records the attempt, so a failed build is retried
 # only when the sources change.
 $(KSTAMP): $(STAMP) $(KDIR)/quant_linear.cpp $(KDIR)/quant_linear_a8.cpp $(KDIR)/paged_attention.cpp \
-		$(KDIR)/dense_linear.cpp $(KDIR)/pool.h $(KDIR)/paged_attention.h $(KDIR)/decode_step.cpp $(KDIR)/build.py
+		$(KDIR)/dense_linear.cpp $(KDIR)/pool.h $(KDIR)/paged_attention.h $(KDIR)/decode_step.cpp \
+		$(KDIR)/quant_dequantize.cpp $(KDIR)/quant_codes.h $(KDIR)/build.py
 	$(VPY) -m lmstack.kernels.build
 	mkdir -p $(dir $(KSTAMP)) && touch $(KSTAMP)
 
