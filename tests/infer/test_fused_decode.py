@@ -216,6 +216,21 @@ def test_nf4_and_replaced_statistics_fall_back_or_regather():
 
 
 @needs_kernels
+def test_a_model_it_does_not_cover_is_gathered_once(monkeypatch):
+    """An NF4 model falls back every step without walking the model again."""
+    from lmstack.infer import fused_decode
+    from lmstack.quant import QuantConfig, quantize_model
+    model = tiny_model(16)
+    quantize_model(model, QuantConfig(method="nf4", group_size=32))
+    llm = LLM(model, block_size=4, kv_cache_tokens=256, enable_prefix_caching=False)
+    calls = []
+    gather = fused_decode._gather
+    monkeypatch.setattr(fused_decode, "_gather", lambda m: calls.append(1) or gather(m))
+    llm.generate([[2, 7, 1]], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8))
+    assert len(calls) == 1 and llm.engine.runner.fused.steps == 0
+
+
+@needs_kernels
 def test_decode_step_rejects_bad_quantized_input():
     model = _quantized(15, "int8")
     llm = LLM(model, block_size=4, kv_cache_tokens=256)

@@ -89,11 +89,17 @@ def unsupported(model: nn.Module, cache: PagedKVCache) -> str | None:
 
 
 class _Plan:
-    """The op's weights as gathered from the modules, and what must still hold for them to be
-    the model's: every (dict, key, value) in `expect` (each module where its parent holds it,
-    each parameter where its module holds it) and no hook in any of `hooks`."""
+    """The op's weights as gathered from the modules (`ok`: all of them were what the op
+    computes), and what must still hold for the gathering to stand: every (dict, key, value)
+    in `expect` (each module where its parent holds it, each parameter where its module holds
+    it, also the one that made it fail) and the embedding's dtype (`model.to` converts in
+    place). A plan that stands is not gathered again, failed or not: a model the op does not
+    cover (NF4, LoRA, pruned) costs one identity pass a step, not a walk. It is used while no
+    hook is in any of `hooks` and no instance `forward` is set (checked live, `usable`)."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype):
+        self.ok = False
+        self.dtype = dtype
         self.weights: list[Tensor] = []
         self.biases: list[Tensor | None] = []
         self.expect: list[tuple[dict, str, object]] = []
@@ -107,9 +113,9 @@ class _Plan:
 
     def child(self, parent: nn.Module, name: str, kind: type) -> nn.Module | None:
         m = parent._modules.get(name)
+        self.expect.append((parent._modules, name, m))
         if type(m) is not kind:
             return None
-        self.expect.append((parent._modules, name, m))
         self.hooks += (m._forward_hooks, m._forward_pre_hooks)
         if kind is not nn.Linear:   # (an nn.Linear's instance forward is fast_linear.py's, the same product)
             self.instance_dicts.append(vars(m))
@@ -124,12 +130,14 @@ class _Plan:
             return None
         return t
 
-    def valid(self) -> bool:
+    def stands(self, dtype: torch.dtype) -> bool:
         if self._check is None:   # (dicts, keys, values) as three tuples: the test below runs in C
             self._check = tuple(zip(*self.expect))
         dicts, keys, values = self._check
-        return (all(map(operator.is_, map(dict.get, dicts, keys), values)) and not any(self.hooks)
-                and not any("forward" in d for d in self.instance_dicts))
+        return dtype is self.dtype and all(map(operator.is_, map(dict.get, dicts, keys), values))
+
+    def usable(self) -> bool:
+        return self.ok and not any(self.hooks) and not any("forward" in d for d in self.instance_dicts)
 
 
 # IntLinear's settings the op reads; re-assigned ones re-gather the plan
@@ -178,32 +186,32 @@ def _buffer(plan: _Plan, m: nn.Module, name: str) -> Tensor | None:
     return t if t is not None and t.device.type == "cpu" and t.is_contiguous() else None
 
 
-def _gather(model: Transformer) -> _Plan | None:
-    """The weights in decode_step's order; None where a module is not what the op computes
+def _gather(model: Transformer) -> _Plan:
+    """The weights in decode_step's order; ok False where a module is not what the op computes
     (replaced by LoRA / NF4 / pruned modules, a weight not float32)."""
-    plan = _Plan()
+    plan = _Plan(model.wte.weight.dtype)
     plan.hooks += (model._forward_hooks, model._forward_pre_hooks)
     plan.instance_dicts.append(vars(model))
     blocks = plan.child(model, "blocks", nn.ModuleList)
     if blocks is None:
-        return None
+        return plan
     for i in range(len(blocks)):
         block = plan.child(blocks, str(i), Block)
         attn = block and plan.child(block, "attn", Attention)
         mlp = block and plan.child(block, "mlp", MLP)
         if attn is None or mlp is None:
-            return None
+            return plan
         for parent, name in ((block, "attn_norm"), (attn, "qkv"), (attn, "proj"), (block, "mlp_norm"), (mlp, "fc"),
                              (mlp, "proj")):
             if name.endswith("norm"):
                 m = plan.child(parent, name, RMSNorm)
                 w = m and plan.param(m, "weight", vector=True)
                 if w is None:
-                    return None
+                    return plan
                 plan.weights.append(w)
                 continue
             if not _linear(plan, parent, name):
-                return None
+                return plan
             plan.weights.append(plan.linears.pop())
             plan.biases.append(parent._modules[name]._parameters.get("bias"))
     norm_f, wte = plan.child(model, "norm_f", RMSNorm), plan.child(model, "wte", nn.Embedding)
@@ -211,10 +219,11 @@ def _gather(model: Transformer) -> _Plan | None:
     plan.wte = wte and plan.param(wte, "weight")
     if plan.norm_f is None or plan.wte is None or not _linear(plan, model, "lm_head") or \
             model.lm_head._parameters.get("bias") is not None:
-        return None
+        return plan
     plan.head = plan.linears.pop()
     if not plan.quantized:
         plan.quant, plan.quant_meta = [], []
+    plan.ok = True
     return plan
 
 
@@ -240,10 +249,10 @@ class FusedDecode:
                 torch.is_autocast_enabled("cpu"):          # the modules would compute in another dtype
             return None
         plan = self.plan
-        if plan is None or not plan.valid() or plan.wte.dtype != torch.float32:
-            plan = self.plan = _gather(m)       # weights replaced, modules swapped, hooks added or removed
-            if plan is None or not plan.valid():
-                return None
+        if plan is None or not plan.stands(m.wte.weight.dtype):
+            plan = self.plan = _gather(m)       # weights replaced, modules swapped, dtype converted
+        if not plan.usable():
+            return None
         if plan.quantized and torch.is_grad_enabled():   # QuantLinear.forward may take DequantLinear's F.linear
             return None
         cos = sin = None
