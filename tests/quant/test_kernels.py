@@ -15,7 +15,8 @@ from torch import nn
 
 from lmstack import kernels
 from lmstack.kernels import build
-from lmstack.model.quantized import IntLinear, NF4Linear, QuantLinear, codebook
+from lmstack.model.quant_formats import codebook
+from lmstack.model.quantized import IntLinear, NF4Linear, QuantLinear
 from lmstack.quant.nf4 import quantize_nf4
 from lmstack.quant.rtn import rtn_quantize
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.model.quantized import (DYNAMIC_MAP, NF4_CODE, IntLinear, NF4Linear, QuantError, pack_int4,
-                                     unpack_int4)
+from lmstack.model.quant_formats import DYNAMIC_MAP, NF4_CODE, pack_int4, unpack_int4
+from lmstack.model.quantized import IntLinear, NF4Linear, QuantError
 from lmstack.quant.nf4 import quantize_nf4
 from lmstack.quant.rtn import fake_quantize, rtn_quantize
 

@@ -9,7 +9,8 @@ from torch import nn
 
 from lmstack import kernels
 from lmstack.model import ModelConfig, Transformer
-from lmstack.model.quantized import IntLinear, QuantError, act_block, quantize_activations
+from lmstack.model.quant_formats import act_block, quantize_activations
+from lmstack.model.quantized import IntLinear, QuantError
 from lmstack.quant import QuantConfig, quantize_model
 from lmstack.quant.rtn import rtn_quantize
 from tests.quant.test_kernels import assert_matches

@@ -191,7 +191,7 @@ def quant_linear_a8(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor | Non
                     bias: Tensor | None) -> Tensor:
     """y (M, N) = x_hat (M, K) @ W_hat^T + bias for INT8 codes weight (N, K) uint8 (scale, zero as
     quant_linear; zero None: symmetric, 128), x_hat = x rounded to int8 in blocks of act_block
-    inputs (absmax / 127 each, model/quantized.py's quantize_activations), by integer dot products.
+    inputs (absmax / 127 each, model/quant_formats.py's quantize_activations), by integer dot products.
     Raises KernelsUnavailable when the library cannot be loaded."""
     if not _loaded:
         _require()

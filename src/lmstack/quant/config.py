@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmstack.model.quantized import ACT_BITS, INT_BITS, METHODS, QuantError
+from lmstack.model.quant_formats import ACT_BITS, INT_BITS, METHODS
+from lmstack.model.quantized import QuantError
 
 GROUP_SIZES = (None, 32, 64, 128)
 

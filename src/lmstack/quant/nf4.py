@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmstack.model.quantized import ABSMAX_BLOCK, DYNAMIC_MAP, NF4_CODE, QuantError, pack_int4
+from lmstack.model.quant_formats import ABSMAX_BLOCK, DYNAMIC_MAP, NF4_CODE, pack_int4
+from lmstack.model.quantized import QuantError
 
 LUT_BINS = 65536
 

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.model.quantized import QuantError, code_range
+from lmstack.model.quant_formats import code_range
+from lmstack.model.quantized import QuantError
 from lmstack.model.replace import replace_linears, set_module
 from lmstack.quant.config import QuantConfig
 from lmstack.quant.quantize import _check_model, quantize_model

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmstack.model.quantized import code_range
+from lmstack.model.quant_formats import code_range
 
 
 def grid_params(w: Tensor, bits: int, group_size: int | None, symmetric: bool,

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from lmstack.model import Transformer
 from lmstack.model.checkpoint import load_state
 from lmstack.model.hf import config_to_hf, export_hf, iter_hf_names, pick_family
-from lmstack.model.quantized import ABSMAX_BLOCK, DYNAMIC_MAP, NF4_CODE, NF4Linear
+from lmstack.model.quant_formats import ABSMAX_BLOCK, DYNAMIC_MAP, NF4_CODE
+from lmstack.model.quantized import NF4Linear
 from lmstack.model.weights_io import write_safetensors
 from lmstack.quant.export.weights import check_transforms, float_state, quant_modules
 from lmstack.utils import LmstackError, atomic_dir, atomic_write_json
